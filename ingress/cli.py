@@ -1,0 +1,106 @@
+"""The ``ingress`` command: serve, check-config, schema, plugins. Private to the core."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from ingress import __version__, manager
+from ingress import config as config_mod
+from ingress.errors import IngressError
+
+
+def _serve(args) -> int:
+    cfg = config_mod.load(args.config)
+    from ingress.server import run
+
+    def ready(line: str) -> None:
+        print(line, flush=True)
+
+    runner = asyncio.run
+    try:
+        import uvloop  # optional: pip install 'ingress[fast]'
+    except ImportError:
+        uvloop = None
+    if uvloop is not None and not args.no_uvloop:
+        if sys.version_info >= (3, 11):
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+                return r.run(run(cfg, ready))
+        uvloop.install()
+    return runner(run(cfg, ready))
+
+
+def _check_config(args) -> int:
+    cfg = config_mod.load(args.file)
+    relay = (cfg.plugin_settings("relay") or {}).get("allow")
+    if relay == "anyone":
+        print(f"{cfg.source}: /plugins/relay/allow: warning: 'anyone' makes this an open relay",
+              file=sys.stderr)
+    print(f"{cfg.source}: OK ({len(cfg.plugins)} plugins)")
+    return 0
+
+
+def _schema(args) -> int:
+    json.dump(config_mod.full_schema(), sys.stdout, indent=2, sort_keys=True)
+    print()
+    return 0
+
+
+def _plugins(args) -> int:
+    active: dict[str, manager.PluginInfo] = {}
+    if args.config is not None:
+        cfg = config_mod.load(args.config)
+        active = {i.name: i for i in cfg.plugins}
+    else:
+        cfg = config_mod.load(None)
+        active = {i.name: i for i in cfg.plugins}
+    rows = list(active.values())
+    for name, info in sorted(manager.entry_point_infos().items()):
+        if name not in active:
+            state = f"broken: {info.error}" if info.error else "installed, not enabled"
+            rows.append(manager.PluginInfo(name, f"{info.source} ({state})"))
+    for info in rows:
+        hooks = ", ".join(info.hooks) if info.hooks else "-"
+        print(f"{info.name}\t{info.source}\t{hooks}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ingress", description="Plugin-driven SMTP ingress server.")
+    p.add_argument("--version", action="version", version=f"ingress {__version__}")
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--config", metavar="FILE",
+                       help="config file (TOML, JSON, YAML); default: the embedded default")
+    serve.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
+    serve.set_defaults(func=_serve)
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(func=_check_config)
+    schema = sub.add_parser("schema", help="print the merged JSON Schema of the config file")
+    schema.set_defaults(func=_schema)
+    plugins = sub.add_parser("plugins", help="list plugins and the hooks they implement")
+    plugins.add_argument("--config", metavar="FILE")
+    plugins.set_defaults(func=_plugins)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr,
+        format="%(asctime)s ingress[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except IngressError as exc:
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

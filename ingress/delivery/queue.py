@@ -1,0 +1,51 @@
+"""The relay queue: ``<id>.eml`` plus ``<id>.json`` envelope (blocking). Private to the core."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ingress.delivery.maildir import fsync_dir, remove_quietly, write_file
+
+
+def envelope(session, transaction, recipients) -> dict:
+    return {
+        "id": transaction.id,
+        "mail_from": transaction.mail_from,
+        "mail_params": transaction.mail_params,
+        "recipients": [{"address": r.address, "params": r.params} for r in recipients],
+        "client_ip": session.peer_ip,
+        "client_port": session.peer_port,
+        "helo": session.helo,
+        "protocol": session.protocol,
+        "auth_user": session.auth_user,
+        "received_at": datetime.fromtimestamp(transaction.started, timezone.utc).isoformat(),
+        "queued_at": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+def enqueue(root: Path, queue_id: str, header: bytes, message, env: dict) -> list[str]:
+    tmpdir = root / "tmp"
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    eml_tmp, json_tmp = tmpdir / f"{queue_id}.eml", tmpdir / f"{queue_id}.json"
+    eml, meta = root / f"{queue_id}.eml", root / f"{queue_id}.json"
+    done: list[str] = []
+    try:
+        write_file(eml_tmp, header, message)
+        fd = os.open(json_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, json.dumps(env, indent=1, sort_keys=True).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(eml_tmp, eml)
+        done.append(str(eml))
+        os.rename(json_tmp, meta)
+        done.append(str(meta))
+        fsync_dir(root)
+    except BaseException:
+        remove_quietly(done + [str(eml_tmp), str(json_tmp)])
+        raise
+    return done

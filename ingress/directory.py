@@ -1,0 +1,534 @@
+"""Who is local: domains, users, aliases and mailing lists.
+
+The directory is built from the ``[directory]`` config section, optionally merged with an
+external TOML/YAML/JSON file, and answers the questions the SMTP layer asks: is this domain
+local, does this mailbox exist, what does this alias expand to, is this password right.
+
+Public API: plugin authors may import Directory and User (and DomainSettings, DirectoryError).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import hmac
+import ipaddress
+import json
+import re
+import secrets
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import argon2
+import bcrypt
+import cerberus
+import yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = ["Directory", "DirectoryError", "DomainSettings", "User"]
+
+_HASHER = argon2.PasswordHasher()
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
+_DOT_ATOM_RE = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
+_QUOTED_RE = re.compile(r'"(?:[^"\\]|\\.)+"')
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*", re.ASCII | re.IGNORECASE)
+_SAFE_LOCAL_RE = re.compile(r"[A-Za-z0-9!#$%&'*+=?^_`{|}~.-]{1,64}", re.ASCII)
+_BCRYPT_RE = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}", re.ASCII)
+
+
+class DirectoryError(ValueError):
+    """The directory config is invalid; ``errors`` lists every ``(json_pointer, message)``."""
+
+    def __init__(self, errors: Iterable[tuple[str, str]]) -> None:
+        self.errors: list[tuple[str, str]] = list(errors)
+        super().__init__(self.errors)
+
+    def __str__(self) -> str:
+        return "\n".join(f"{pointer}: {message}" for pointer, message in self.errors)
+
+
+@dataclass(frozen=True)
+class User:
+    """A local user. ``address`` keeps the configured local-part case; the domain is lower-case."""
+
+    address: str
+    name: str = ""
+    password: str | None = field(default=None, repr=False)
+    password_hash: str | None = field(default=None, repr=False)
+    send_as: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DomainSettings:
+    """Per-domain settings from ``[directory.domain_settings."<domain>"]``."""
+
+    require_smtp_auth: bool = False
+    catch_all: bool = False
+
+
+def _pointer(path: Iterable[Any]) -> str:
+    """RFC 6901 JSON pointer for a path of keys/indices."""
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
+
+
+def _is_valid_domain(domain: str) -> bool:
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        try:
+            if literal[:5].lower() == "ipv6:":
+                ipaddress.IPv6Address(literal[5:])
+            else:
+                ipaddress.IPv4Address(literal)
+        except ValueError:
+            return False
+        return True
+    return len(domain) <= 253 and _HOSTNAME_RE.fullmatch(domain) is not None
+
+
+def _password_hash_problem(value: str) -> str | None:
+    if value.startswith(("$argon2id$", "$argon2i$")):
+        try:
+            argon2.extract_parameters(value)
+        except argon2.exceptions.InvalidHashError:
+            return "malformed argon2 hash"
+        return None
+    if value.startswith(("$2b$", "$2a$", "$2y$")):
+        return None if _BCRYPT_RE.fullmatch(value) else "malformed bcrypt hash"
+    return "must be an argon2id/argon2i ($argon2id$...) or bcrypt ($2b$...) hash"
+
+
+class _Validator(cerberus.Validator):
+    """Adds the coercions and checks the schema below refers to by name."""
+
+    def _normalize_coerce_domain(self, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    def _normalize_coerce_address(self, value: Any) -> Any:
+        if not isinstance(value, str) or "@" not in value:
+            return value
+        local, _, domain = value.rpartition("@")
+        return f"{local}@{domain.lower()}"
+
+    def _check_with_domain(self, field: Any, value: Any) -> None:
+        if isinstance(value, str) and not _is_valid_domain(value):
+            self._error(field, f"invalid domain {value!r} (use the xn-- form for IDNs)")
+
+    def _check_with_address(self, field: Any, value: Any) -> None:
+        if isinstance(value, str) and not Directory.is_valid_address(value):
+            self._error(field, f"invalid address {value!r}")
+
+    def _check_with_members(self, field: Any, value: Any) -> None:
+        if isinstance(value, list) and not value:
+            self._error(field, "needs at least one member")
+
+    def _check_with_password_hash(self, field: Any, value: Any) -> None:
+        problem = _password_hash_problem(value) if isinstance(value, str) else None
+        if problem:
+            self._error(field, problem)
+
+
+_ADDRESS = {"type": "string", "coerce": "address", "check_with": "address"}
+_GROUP = {
+    "type": "dict",
+    "default": {},
+    "keysrules": {"type": "string"},
+    "valuesrules": {"type": "list", "check_with": "members", "schema": _ADDRESS},
+}
+_FILE_SCHEMA: dict[str, Any] = {
+    "domains": {
+        "type": "list",
+        "default": [],
+        "schema": {"type": "string", "coerce": "domain", "check_with": "domain"},
+    },
+    "users": {
+        "type": "list",
+        "default": [],
+        "schema": {
+            "type": "dict",
+            "schema": {
+                "address": {**_ADDRESS, "required": True},
+                "password": {"type": "string", "empty": False},
+                "password_hash": {"type": "string", "check_with": "password_hash"},
+                "name": {"type": "string", "default": ""},
+                "send_as": {"type": "list", "default": [], "schema": _ADDRESS},
+            },
+        },
+    },
+    "aliases": _GROUP,
+    "lists": _GROUP,
+    "domain_settings": {
+        "type": "dict",
+        "default": {},
+        "keysrules": {"type": "string"},
+        "valuesrules": {
+            "type": "dict",
+            "schema": {
+                "require_smtp_auth": {"type": "boolean", "default": False},
+                "catch_all": {"type": "boolean", "default": False},
+            },
+        },
+    },
+}
+_SECTION_SCHEMA: dict[str, Any] = {
+    **_FILE_SCHEMA,
+    "domains": {**_FILE_SCHEMA["domains"], "default": ["localhost"]},
+    "file": {"type": "string", "default": ""},
+}
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """Where a document came from: the config section itself, or the external file."""
+
+    file: Path | None = None
+
+    def where(self, path: tuple[Any, ...]) -> str:
+        if self.file is None:
+            return "/directory" + _pointer(path)
+        return f"{_pointer(path) or '/'} in {self.file}"
+
+    def error(self, path: tuple[Any, ...], message: str) -> tuple[str, str]:
+        if self.file is None:
+            return "/directory" + _pointer(path), message
+        return "/directory/file", f"{self.where(path)}: {message}"
+
+
+# A validated document: its origin, its normalised content, and the (field,) / (field, key)
+# prefixes cerberus rejected, which the cross-entry checks skip so one mistake is reported once.
+_Source = tuple[_Origin, dict[str, Any], set[tuple[Any, ...]]]
+
+
+def _flatten(tree: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], str]]:
+    """Turn cerberus' nested error dict into ``(path, message)`` pairs."""
+    if isinstance(tree, Mapping):
+        for key, sub in tree.items():
+            yield from _flatten(sub, (*path, key))
+    elif isinstance(tree, list):
+        for item in tree:
+            yield from _flatten(item, path)
+    else:
+        yield path, str(tree)
+
+
+def _validate(document: Mapping[str, Any], schema: dict[str, Any], origin: _Origin,
+              errors: list[tuple[str, str]]) -> _Source:
+    validator = _Validator(schema)
+    if validator.validate(copy.deepcopy(dict(document))):
+        return origin, validator.document, set()
+    rejected = set()
+    for path, message in _flatten(validator.errors):
+        errors.append(origin.error(path, message))
+        rejected.add(path[:2])
+    return origin, validator.document or {}, rejected
+
+
+def _entries(source: _Source, name: str) -> Iterator[tuple[Any, Any]]:
+    """(index or key, value) of one list/dict field, skipping what cerberus rejected."""
+    _, document, rejected = source
+    value = document.get(name)
+    if (name,) in rejected or not isinstance(value, (list, dict)):
+        return
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    yield from ((key, item) for key, item in items if (name, key) not in rejected)
+
+
+def _load_file(path: Path, errors: list[tuple[str, str]]) -> Mapping[str, Any] | None:
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        errors.append(("/directory/file", f"{path}: unsupported file type (not .toml/.yaml/.json)"))
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        errors.append(("/directory/file", f"cannot read {path}: {exc.strerror or exc}"))
+        return None
+    except UnicodeDecodeError as exc:
+        errors.append(("/directory/file", f"{path} is not UTF-8 text: {exc}"))
+        return None
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except (ValueError, yaml.YAMLError) as exc:  # TOMLDecodeError/JSONDecodeError: ValueError
+        message = " ".join(str(exc).split())  # parser messages span lines; ours may not
+        errors.append(("/directory/file", f"cannot parse {path}: {message}"))
+        return None
+    if not isinstance(data, Mapping):
+        errors.append(("/directory/file", f"{path}: top level must be a table/mapping"))
+        return None
+    return data
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """An argon2 hash of a random secret, made with the same parameters as real ones."""
+    return _HASHER.hash(secrets.token_urlsafe(32))
+
+
+def _check_hash(password_hash: str, password: str) -> bool:
+    """The one slow hash verification a verify_password call performs."""
+    try:
+        if password_hash.startswith("$argon2"):
+            return _HASHER.verify(password_hash, password)
+        # bcrypt ignores bytes past 72; bcrypt>=5 raises instead, so truncate like it used to.
+        candidate = password.encode("utf-8", "surrogatepass")[:72]
+        return bcrypt.checkpw(candidate, password_hash.encode("ascii"))
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError, ValueError):
+        return False
+
+
+class Directory:
+    """The set of local domains, users, aliases and lists; immutable once built."""
+
+    def __init__(self, *, domains: Iterable[str], users: Iterable[User] = (),
+                 aliases: Mapping[str, Iterable[str]] | None = None,
+                 lists: Mapping[str, Iterable[str]] | None = None,
+                 domain_settings: Mapping[str, DomainSettings] | None = None) -> None:
+        """Build from already validated parts; :meth:`from_config` is the usual way in."""
+        self.domains: frozenset[str] = frozenset(d.strip().lower() for d in domains)
+        self._users = {self.normalise(u.address): u for u in users}
+        self._aliases = {self.normalise(k): tuple(v) for k, v in (aliases or {}).items()}
+        self._lists = {self.normalise(k): tuple(v) for k, v in (lists or {}).items()}
+        self._settings = {k.strip().lower(): v for k, v in (domain_settings or {}).items()}
+        self.has_plaintext_passwords: bool = any(
+            u.password is not None for u in self._users.values()
+        )
+        _dummy_hash()  # pay for it at startup, not during the first failed login
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any], base_dir: Path | str) -> Directory:
+        """Validate and normalise the ``[directory]`` section (plus its ``file``).
+
+        ``base_dir`` anchors a relative ``file``. Raises :class:`DirectoryError` listing
+        every problem found.
+        """
+        if not isinstance(section, Mapping):
+            raise DirectoryError([("/directory", "must be a table/mapping")])
+        errors: list[tuple[str, str]] = []
+        sources = [_validate(section, _SECTION_SCHEMA, _Origin(), errors)]
+        main_doc = sources[0][1]
+        file_name = main_doc.get("file")
+        if isinstance(file_name, str) and file_name and ("file",) not in sources[0][2]:
+            path = Path(base_dir) / file_name  # an absolute file_name replaces base_dir
+            loaded = _load_file(path, errors)
+            if loaded is not None:
+                # The "localhost" default only applies when nobody lists domains.
+                if "domains" not in section and "domains" in loaded:
+                    main_doc["domains"] = []
+                sources.append(_validate(loaded, _FILE_SCHEMA, _Origin(path), errors))
+        directory = cls._build(sources, errors)
+        if errors:
+            raise DirectoryError(errors)
+        return directory
+
+    @classmethod
+    def _build(cls, sources: list[_Source], errors: list[tuple[str, str]]) -> Directory:
+        """Merge the validated sources, checking everything that spans entries."""
+        domains: dict[str, str] = {}  # domain -> where it was defined
+        for source in sources:
+            for index, domain in _entries(source, "domains"):
+                if domain in domains:
+                    message = f"duplicate domain {domain!r} (also at {domains[domain]})"
+                    errors.append(source[0].error(("domains", index), message))
+                else:
+                    domains[domain] = source[0].where(("domains", index))
+
+        settings: dict[str, DomainSettings] = {}
+        for source in sources:
+            for key, value in _entries(source, "domain_settings"):
+                domain, path = key.strip().lower(), ("domain_settings", key)
+                if domain not in domains:
+                    errors.append(source[0].error(path, f"{domain!r} is not listed in domains"))
+                elif domain in settings:
+                    errors.append(source[0].error(path, f"duplicate settings for {domain!r}"))
+                else:
+                    settings[domain] = DomainSettings(**value)
+
+        claimed: dict[str, str] = {}  # normalised address -> where it was defined
+
+        def claim(origin: _Origin, path: tuple[Any, ...], address: str) -> bool:
+            if not cls.is_valid_address(address):
+                errors.append(origin.error(path, f"invalid address {address!r}"))
+                return False
+            key = cls.normalise(address)
+            if cls.split(address)[1] not in domains:
+                errors.append(origin.error(path, f"{address!r} is not in a local domain"))
+            elif key in claimed:
+                message = f"{address!r} is already defined at {claimed[key]}"
+                errors.append(origin.error(path, message))
+            else:
+                claimed[key] = origin.where(path)
+                return True
+            return False
+
+        users: list[User] = []
+        for origin, document, rejected in sources:
+            entries = document.get("users")
+            if ("users",) in rejected or not isinstance(entries, list):
+                continue
+            for index, entry in enumerate(entries):
+                path = ("users", index)
+                if not isinstance(entry, dict):
+                    continue
+                # Checked even on entries cerberus rejected, so that all their errors show.
+                if ("password" in entry) == ("password_hash" in entry):
+                    message = ("password and password_hash are mutually exclusive"
+                               if "password" in entry
+                               else "one of password or password_hash is required")
+                    errors.append(origin.error((*path, "password"), message))
+                if path not in rejected and claim(origin, (*path, "address"), entry["address"]):
+                    users.append(User(
+                        address=entry["address"],
+                        name=entry["name"],
+                        password=entry.get("password"),
+                        password_hash=entry.get("password_hash"),
+                        send_as=tuple(entry["send_as"]),
+                    ))
+
+        groups: dict[str, dict[str, list[str]]] = {"aliases": {}, "lists": {}}
+        for kind, found in groups.items():
+            for source in sources:
+                for key, members in _entries(source, kind):
+                    if claim(source[0], (kind, key), key):
+                        found[key] = members
+        return cls(domains=domains, users=users, aliases=groups["aliases"],
+                   lists=groups["lists"], domain_settings=settings)
+
+    # -- addresses --------------------------------------------------------------------------
+
+    @staticmethod
+    def split(address: str) -> tuple[str, str]:
+        """``(local part as given, lower-cased domain)``; ValueError when there is no ``@``."""
+        local, at, domain = address.rpartition("@")
+        if not at:
+            raise ValueError(f"not an address (no @): {address!r}")
+        return local, domain.lower()
+
+    @staticmethod
+    def normalise(address: str) -> str:
+        """The comparison key: ``"Local@EXAMPLE.test"`` -> ``"local@example.test"``."""
+        local, domain = Directory.split(address)
+        return f"{local.lower()}@{domain}"
+
+    @staticmethod
+    def is_valid_address(address: str) -> bool:
+        """``local@domain`` with a dot-atom or quoted local part and a host name or
+        ``[address literal]`` domain; no whitespace, control characters or angle brackets."""
+        if not isinstance(address, str) or len(address) > 254:
+            return False
+        if any(c.isspace() or not c.isprintable() or c in "<>" for c in address):
+            return False
+        local, at, domain = address.rpartition("@")
+        if not at or len(local.encode("utf-8", "surrogatepass")) > 64:
+            return False
+        local_ok = _DOT_ATOM_RE.fullmatch(local) or _QUOTED_RE.fullmatch(local)
+        return bool(local_ok) and _is_valid_domain(domain)
+
+    @staticmethod
+    def is_safe_local_part(local: str) -> bool:
+        """Whether ``local`` is safe as a single Maildir directory name."""
+        return (_SAFE_LOCAL_RE.fullmatch(local) is not None
+                and not local.startswith(".") and ".." not in local)
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def _key(self, address: str) -> str | None:
+        try:
+            return self.normalise(address)
+        except ValueError:
+            return None
+
+    def is_local_domain(self, domain: str) -> bool:
+        """Whether mail for ``domain`` is ours (case-insensitive)."""
+        return domain.strip().lower() in self.domains
+
+    def is_local_address(self, address: str) -> bool:
+        """Whether the domain part of ``address`` is local (the mailbox may still not exist)."""
+        return "@" in address and self.split(address)[1] in self.domains
+
+    def user(self, address: str) -> User | None:
+        """The user with this address, or None (aliases and lists are not users)."""
+        return self._users.get(self._key(address) or "")
+
+    def domain_settings(self, domain: str) -> DomainSettings:
+        """Settings for ``domain``; the defaults when it has none configured."""
+        return self._settings.get(domain.strip().lower(), DomainSettings())
+
+    def alias_members(self, address: str) -> tuple[str, ...] | None:
+        """Direct members (as configured) of an alias or list, or None if it is neither."""
+        key = self._key(address) or ""
+        return self._aliases.get(key, self._lists.get(key))
+
+    def expand(self, address: str) -> list[str]:
+        """Final recipients of ``address``, as normalised addresses.
+
+        Aliases and lists are expanded recursively, depth first, in configured order. Each
+        address appears once; a group already expanded is skipped, so loops terminate. An
+        address that is not an alias/list expands to itself. ValueError when there is no ``@``.
+        """
+        result: list[str] = []
+        seen: set[str] = set()
+        expanded: set[str] = set()
+        stack = [self.normalise(address)]
+        while stack:
+            key = self.normalise(stack.pop())
+            members = self._aliases.get(key, self._lists.get(key))
+            if members is None:
+                if key not in seen:
+                    seen.add(key)
+                    result.append(key)
+            elif key not in expanded:
+                expanded.add(key)
+                stack.extend(reversed(members))
+        return result
+
+    def mailbox_exists(self, address: str) -> bool:
+        """Whether RCPT TO this address should be accepted as local: a user, an alias, a list,
+        or any safe local part (see :meth:`is_safe_local_part`) in a ``catch_all`` domain."""
+        key = self._key(address)
+        if key is None:
+            return False
+        if key in self._users or key in self._aliases or key in self._lists:
+            return True
+        local, domain = self.split(address)
+        return (domain in self.domains and self.domain_settings(domain).catch_all
+                and self.is_safe_local_part(local))
+
+    # -- authentication ---------------------------------------------------------------------
+
+    def verify_password(self, address: str, password: str) -> bool:
+        """Check ``password`` for the user ``address``.
+
+        To give no timing oracle, every call costs the same: exactly one slow hash check (the
+        user's own argon2/bcrypt hash if it has one, else a dummy argon2 hash made with the
+        default parameters) plus one constant-time comparison of SHA-256 digests of the
+        UTF-8 plaintexts (against an empty string when the user has no plaintext password).
+        Unknown users and malformed addresses simply fail.
+        """
+        user = self.user(address)
+        stored = user.password if user is not None and user.password is not None else ""
+        plaintext_ok = hmac.compare_digest(
+            hashlib.sha256(stored.encode("utf-8", "surrogatepass")).digest(),
+            hashlib.sha256(password.encode("utf-8", "surrogatepass")).digest(),
+        )
+        if user is not None and user.password_hash is not None:
+            return _check_hash(user.password_hash, password)
+        _check_hash(_dummy_hash(), password)
+        return user is not None and user.password is not None and plaintext_ok
+
+    def cram_md5_secret(self, address: str) -> str | None:
+        """The plaintext password CRAM-MD5 needs, or None (unknown or hash-only user)."""
+        user = self.user(address)
+        return user.password if user is not None else None

@@ -1,0 +1,197 @@
+"""Every hook an ingress plugin can implement, grouped by phase.
+
+Plugin authors read this module; they import :data:`ingress.hookimpl`, not these specs.
+
+How hooks are called
+--------------------
+* Every hook receives ``settings``: the plugin's own config section (``[plugins.<name>]``), already
+  validated and defaulted. A hook implementation may declare any subset of the arguments.
+* Any implementation may be ``async def``; the core awaits it. Plain functions are called without
+  creating a coroutine.
+* **Decision hooks** (``on_*`` below, unless said otherwise) return ``None`` to let the next plugin
+  decide, or a :class:`ingress.Reply`. The core calls the implementations one at a time and stops at
+  the first ``Reply``; it remembers which plugin gave it (logs, metrics).
+* Order: builtins run in the contract's order of checks (``ingress.dispatch.BUILTIN_ORDER``);
+  third-party implementations run after the builtins, or before them when marked
+  ``@hookimpl(tryfirst=True)``; among themselves in registration order.
+* A plugin that raises fails closed: the error is logged with plugin and hook name, and the client
+  gets ``451 4.3.0`` for that command.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("ingress")
+
+# --- lifecycle -------------------------------------------------------------------------------
+
+
+@hookspec
+def config_schema(settings):
+    """Return the JSON Schema (draft 2020-12, a dict) of this plugin's config section.
+
+    Called once per config load, before validation (``settings`` is then ``None``). Return
+    ``None`` when the plugin takes no settings; its section must then be empty. All results are
+    used: each plugin's schema becomes ``properties.plugins.properties.<name>``.
+    """
+
+
+@hookspec
+def ehlo_keywords(session, settings):
+    """Return extension keywords this plugin adds to the EHLO reply (a list of strings).
+
+    :param session: the :class:`ingress.session.Session`.
+    All results are used, in dispatch order, after the core's own keywords.
+    """
+
+
+@hookspec
+def esmtp_parameters(session, verb, settings):
+    """Return the MAIL or RCPT parameter names (upper case) this plugin understands.
+
+    :param verb: ``"MAIL"`` or ``"RCPT"``.
+    All results are used. A parameter that no plugin (nor the core: ``BODY``) claims is refused with
+    ``555 5.5.4``. The plugin validates the values itself in ``on_mail_from`` / ``on_rcpt``.
+    """
+
+
+@hookspec
+def greeting(session, settings):
+    """Return the greeting text (without ``220``), or ``None``. First non-``None`` result wins.
+
+    Runs after ``on_connect`` has not refused the connection. Without any implementation the
+    greeting is ``<hostname> ESMTP``.
+    """
+
+
+
+# --- connection ------------------------------------------------------------------------------
+
+
+@hookspec
+def on_connect(session, settings):
+    """A client connected. Decision hook: a ``Reply`` replaces the greeting (e.g. ``421`` with
+    ``close=True``).
+
+    Plugins that need timers set them here with ``session.set_timeout(kind, seconds)``.
+    """
+
+
+@hookspec
+def on_disconnect(session, settings):
+    """The connection is gone (client quit, was cut, or timed out). All implementations run;
+    return values are ignored. Runs exactly once per connection."""
+
+
+@hookspec
+def on_command(session, verb, arg, settings):
+    """A complete command line arrived (any verb, also unknown ones). Decision hook: a ``Reply``
+    answers the command instead of the core.
+
+    :param verb: the upper-cased verb (may be ``""`` or garbage).
+    :param arg: the rest of the line (a ``str``; undecodable bytes are escaped).
+    """
+
+
+@hookspec
+def on_reply(session, reply, plugin, settings):
+    """A reply is about to be sent. Decision hook: a ``Reply`` returned here is sent *after*
+    ``reply`` (e.g. ``421 ... close``) — used to count errors.
+
+    :param reply: the :class:`ingress.Reply` going out.
+    :param plugin: the name of the plugin that gave it, or ``"core"``.
+    """
+
+
+@hookspec
+def on_helo(session, verb, hostname, settings):
+    """HELO or EHLO. Decision hook: a ``Reply`` refuses it.
+
+    :param verb: ``"HELO"`` or ``"EHLO"``.
+    :param hostname: the argument as given.
+    """
+
+
+@hookspec
+def auth_mechanisms(session, settings):
+    """Return a list of :class:`ingress.auth.Mechanism` this plugin offers on this session.
+
+    All results are used. A mechanism with ``advertised=False`` is known but not offered; the
+    ``on_auth`` decision decides how to answer it (e.g. ``538`` without TLS).
+    """
+
+
+@hookspec
+def on_auth(session, mechanism, settings):
+    """AUTH <mechanism> was asked for. Decision hook: a ``Reply`` refuses it before the exchange.
+
+    :param mechanism: the upper-cased mechanism name.
+    """
+
+
+@hookspec
+def on_vrfy(session, address, settings):
+    """VRFY <address>. Decision hook; without a reply the core answers ``252 2.5.2``."""
+
+
+@hookspec
+def on_expn(session, address, settings):
+    """EXPN <address>. Decision hook; without a reply the core answers ``502 5.5.1``."""
+
+
+@hookspec
+def continue_after_disconnect(session, settings):
+    """The client's end-of-stream was seen while messages are still to be processed. Return
+    ``True`` to process what it already sent and deliver it, ``False`` to discard. First
+    non-``None`` result wins; without one the message is discarded."""
+
+
+# --- transaction -----------------------------------------------------------------------------
+
+
+@hookspec
+def on_mail_from(session, transaction, settings):
+    """MAIL FROM. Decision hook.
+
+    :param transaction: the new :class:`ingress.session.Transaction` (``mail_from``,
+        ``mail_params``); it becomes the session's transaction unless a reply refuses it.
+    """
+
+
+@hookspec
+def on_rcpt(session, transaction, recipient, settings):
+    """RCPT TO. Decision hook.
+
+    :param recipient: the :class:`ingress.session.Recipient` (``address``, ``params``, ``local``);
+        it is added to the transaction unless a reply refuses it.
+    """
+
+
+@hookspec
+def on_data(session, transaction, message, settings):
+    """The message was received (final dot). Decision hook: a ``Reply`` refuses the message.
+
+    :param message: the :class:`ingress.spool.Message` (raw bytes as received, ``headers()``,
+        ``oversized``). Plugins add headers with ``transaction.add_header(name, value)``.
+    """
+
+
+# --- delivery --------------------------------------------------------------------------------
+
+
+@hookspec
+def deliver(session, transaction, message, settings):
+    """Store the message durably. First non-``None`` result wins; the builtin Maildir/queue
+    delivery runs last.
+
+    Return a :class:`ingress.delivery.Delivered` once the message is durable (the core then
+    answers ``250``), or a ``Reply`` to refuse (e.g. ``451 4.3.0``). May be ``async def``; a
+    blocking implementation should use ``asyncio.to_thread``.
+    """
+
+
+@hookspec
+def after_delivery(session, transaction, message, delivered, settings):
+    """The message was stored and ``250`` is on its way. All implementations run; errors are
+    logged, never shown to the client (e.g. success DSNs)."""

@@ -1,0 +1,169 @@
+"""Listeners, connection accounting, reload and drain. Private to the core."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import signal
+import ssl
+from pathlib import Path
+
+from ingress import config as config_mod
+from ingress.errors import ConfigError, IngressError
+from ingress.reply import Reply
+from ingress.smtp import SMTPProtocol
+
+log = logging.getLogger("ingress.server")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def tls_context(cfg: config_mod.Config) -> ssl.SSLContext | None:
+    server = cfg.server
+    if not server["tls_cert"]:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(server["tls_cert"], server["tls_key"])
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{cfg.source}: /server/tls_cert: cannot load certificate/key: "
+                          f"{exc}") from None
+    return context
+
+
+class Server:
+    def __init__(self, cfg: config_mod.Config):
+        self.config = cfg
+        self.tls_context = tls_context(cfg)
+        self.connections = 0  # open connections, exact: +1 connection_made, -1 connection_lost
+        self.protocols: set[SMTPProtocol] = set()
+        self.listeners: list[asyncio.AbstractServer] = []
+        self.messages_accepted = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._prepare(cfg)
+
+    # --- accounting, called by the protocol ----------------------------------------------------
+
+    def connection_opened(self, protocol: SMTPProtocol) -> None:
+        self.connections += 1
+        self.protocols.add(protocol)
+        self._idle.clear()
+
+    def connection_closed(self, protocol: SMTPProtocol) -> None:
+        self.connections -= 1
+
+    def session_ended(self, protocol: SMTPProtocol) -> None:
+        self.protocols.discard(protocol)
+        if not self.protocols:
+            self._idle.set()
+
+    def message_accepted(self, session, transaction, message) -> None:
+        self.messages_accepted += 1
+
+    def spool_dir(self, cfg: config_mod.Config) -> Path:
+        return Path(cfg.data["delivery"]["queue"]) / "spool"
+
+    def _prepare(self, cfg: config_mod.Config) -> None:
+        spool = self.spool_dir(cfg)
+        if spool.exists():  # leftovers of a crash: never acknowledged, safe to drop
+            shutil.rmtree(spool, ignore_errors=True)
+        spool.mkdir(parents=True, exist_ok=True)
+
+    # --- listeners -----------------------------------------------------------------------------
+
+    async def start(self) -> list[str]:
+        """Open every listener; return the ready lines (``host:port (smtp|smtps)``)."""
+        loop = asyncio.get_running_loop()
+        server = self.config.server
+        reuse_port = server["workers"] > 1
+        ready = []
+        for value, tls in [(v, False) for v in server["listen"]] + [
+            (v, True) for v in server["listen_tls"]
+        ]:
+            host, port = parse_listen(value)
+            try:
+                listener = await loop.create_server(
+                    (lambda tls=tls: SMTPProtocol(self, tls_listener=tls)),
+                    host, port, ssl=self.tls_context if tls else None,
+                    reuse_address=True, reuse_port=reuse_port or None, backlog=1024,
+                    ssl_handshake_timeout=60 if tls else None,
+                )
+            except OSError as exc:
+                await self.close_listeners()
+                raise IngressError(f"cannot listen on {value}: {exc.strerror or exc}") from None
+            self.listeners.append(listener)
+            for sock in listener.sockets:
+                addr = sock.getsockname()
+                shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+                ready.append(f"{shown}:{addr[1]} ({'smtps' if tls else 'smtp'})")
+        return ready
+
+    async def close_listeners(self) -> None:
+        # Not wait_closed(): from Python 3.12 on it also waits for every open connection.
+        for listener in self.listeners:
+            listener.close()
+        self.listeners = []
+
+    # --- reload and drain ------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Load the config file again; new sessions use it, open ones keep theirs."""
+        path = self.config.path
+        try:
+            cfg = config_mod.load(path)
+            context = tls_context(cfg)
+        except IngressError as exc:
+            for line in exc.lines:
+                log.error("reload refused, keeping the old config: %s", line)
+            return False
+        if cfg.server["listen"] != self.config.server["listen"] or (
+            cfg.server["listen_tls"] != self.config.server["listen_tls"]
+        ):
+            log.warning("reload: listener changes take effect at the next restart")
+        self.config, self.tls_context = cfg, context
+        log.info("reloaded %s", cfg.source)
+        return True
+
+    async def drain(self, seconds: float) -> None:
+        """Stop accepting; let open sessions finish for *seconds*; then cut them with 421."""
+        await self.close_listeners()
+        if self.protocols:
+            log.info("draining %d session(s) for up to %gs", len(self.protocols), seconds)
+            try:
+                await asyncio.wait_for(self._idle.wait(), seconds)
+            except asyncio.TimeoutError:
+                pass
+        for protocol in list(self.protocols):
+            hostname = protocol.config.hostname
+            protocol.abort(Reply(421, "4.3.2", f"{hostname} Service shutting down", close=True))
+        if self.protocols:
+            try:
+                await asyncio.wait_for(self._idle.wait(), 5)
+            except asyncio.TimeoutError:
+                log.warning("%d session(s) did not end", len(self.protocols))
+
+
+async def run(cfg: config_mod.Config, ready=print) -> int:
+    """Run until SIGTERM/SIGINT, then drain; SIGHUP reloads."""
+    server = Server(cfg)
+    for line in await server.start():
+        ready(f"ingress: listening on {line}")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
+    try:
+        await stop.wait()
+        log.info("shutting down")
+        await server.drain(server.config.server["drain_seconds"])
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    return 0

@@ -1,0 +1,127 @@
+"""Per-connection and per-transaction state. Plugins may import these types for type hints.
+
+A :class:`Session` lives as long as the connection, across STARTTLS: the SMTP state (HELO,
+authentication, transaction) is reset there, the connection-wide ``counters`` and ``notes`` are
+not. Plugins keep their own per-session state in ``session.notes[<plugin name>]``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ingress.config import Config
+    from ingress.directory import Directory
+
+_ids = itertools.count(1)
+_PID = f"{os.getpid():x}"
+
+
+def new_id() -> str:
+    """A queue id, unique per host: microsecond time, process id and a counter."""
+    return f"{time.time_ns() // 1000:x}{_PID}{next(_ids):x}".upper()
+
+
+@dataclass
+class Recipient:
+    address: str  # as given by the client, without angle brackets
+    params: dict[str, str | None] = field(default_factory=dict)
+    local: bool = False  # its domain is one of the directory's domains
+    param_error: str | None = None  # malformed parameter list, answered by the params check
+
+
+@dataclass
+class Transaction:
+    """One MAIL FROM ... end of DATA."""
+
+    mail_from: str  # "" is the null sender <>
+    mail_params: dict[str, str | None] = field(default_factory=dict)
+    recipients: list[Recipient] = field(default_factory=list)
+    id: str = field(default_factory=new_id)
+    started: float = field(default_factory=time.time)
+    # Upper bound on the raw message size the core keeps; None: no bound. Set by a size plugin.
+    data_limit: int | None = None
+    # Headers plugins add; written above the message, first added first.
+    added_headers: list[tuple[str, str]] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+    param_error: str | None = None  # malformed parameter list, answered by the params check
+
+    def add_header(self, name: str, value: str) -> None:
+        """Prepend ``name: value`` to the stored message. CR/LF in *value* must be folding."""
+        self.added_headers.append((name, value))
+
+
+class Session:
+    """One client connection."""
+
+    def __init__(self, config: Config, peer: tuple, local: tuple, tls: bool,
+                 connections: int):
+        self.config = config
+        self.id = new_id()
+        self.peer_ip: str = peer[0] if peer else ""
+        self.peer_port: int = peer[1] if peer else 0
+        self.local_ip: str = local[0] if local else ""
+        self.local_port: int = local[1] if local else 0
+        self.connected_at = time.time()
+        #: open connections on this server when this one was accepted (including this one)
+        self.connections = connections
+        self.tls = tls
+        self.counters: Counter[str] = Counter()
+        self.notes: dict[str, Any] = {}
+        self.timeouts: dict[str, float] = {}
+        self.helo: str | None = None
+        self.esmtp = False
+        self.auth_user: str | None = None
+        self.transaction: Transaction | None = None
+        self.messages_accepted = 0
+
+    @property
+    def hostname(self) -> str:
+        return self.config.hostname
+
+    @property
+    def directory(self) -> Directory:
+        return self.config.directory
+
+    @property
+    def ip_literal(self) -> str:
+        """The client IP as an address literal: ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``."""
+        try:
+            ip = ipaddress.ip_address(self.peer_ip)
+        except ValueError:
+            return f"[{self.peer_ip}]"
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped:
+                return f"[{ip.ipv4_mapped}]"
+            return f"[IPv6:{ip.compressed}]"
+        return f"[{ip}]"
+
+    @property
+    def protocol(self) -> str:
+        """SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA (RFC 3848)."""
+        if not self.esmtp:
+            return "SMTP"
+        return "ESMTP" + ("S" if self.tls else "") + ("A" if self.auth_user else "")
+
+    def set_timeout(self, kind: str, seconds: float | None) -> None:
+        """Set a timer the core runs: ``"idle"`` (between commands) or ``"command"`` (a started
+        command that stops sending). ``None`` removes it. Plugins call this from ``on_connect``."""
+        if kind not in ("idle", "command"):
+            raise ValueError(f"unknown timeout kind {kind!r}")
+        if seconds is None:
+            self.timeouts.pop(kind, None)
+        else:
+            self.timeouts[kind] = float(seconds)
+
+    def reset_smtp_state(self) -> None:
+        """Forget HELO, authentication and the transaction (RFC 3207 after STARTTLS)."""
+        self.helo = None
+        self.esmtp = False
+        self.auth_user = None
+        self.transaction = None

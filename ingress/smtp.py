@@ -1,0 +1,690 @@
+"""The SMTP protocol: one instance per connection. Private to the core.
+
+We subclass :class:`aiosmtpd.smtp.SMTP` for its stream plumbing, but replace its command loop,
+because the contract needs what aiosmtpd does not do: hooks on connect/disconnect/every command,
+two timers that answer ``421`` (idle and in-command) instead of one silent one, DATA streamed to
+a spool in bounded memory with strict CRLF.CRLF, our own MAIL/RCPT parameter parsing, enhanced
+status codes on every reply, and processing what a client sent before it closed the connection.
+aiosmtpd's ``__init__`` is skipped on purpose: it inspects the handler on every connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import re
+import time
+from typing import TYPE_CHECKING
+
+from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+
+from ingress.auth import AuthCancelled, AuthSyntaxError
+from ingress.reply import Reply
+from ingress.session import Recipient, Session, Transaction
+from ingress.spool import Message
+
+if TYPE_CHECKING:
+    from ingress.server import Server
+
+log = logging.getLogger("ingress.smtp")
+
+READ_LIMIT = 1 << 18  # stream buffer; DATA is read in chunks of up to this size
+COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
+AUTH_LINE_LIMIT = 12288  # RFC 4954 4
+MAX_RECIPIENTS = 1000
+
+IDLE, BUSY, INPUT = "idle", "busy", "input"  # what the timers look at
+
+_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_PARAM_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
+_DOMAIN = re.compile(
+    r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z"
+    r"|\[[A-Za-z0-9:.]+\]\Z"
+)
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
+_QUOTED = re.compile(r'"([\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
+
+R_SYNTAX = Reply(500, "5.5.2", "Syntax error, command unrecognized")
+R_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+R_NEED_HELO = Reply(503, "5.5.1", "Send HELO/EHLO first")
+R_OK = Reply(250, "2.0.0", "OK")
+
+
+def valid_address(address: str) -> bool:
+    """RFC 5321 Mailbox syntax: dot-atom or quoted local part, hostname or address literal."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local or len(address) > 254 or len(local) > 64:
+        return False
+    return bool((_DOT_ATOM.match(local) or _QUOTED.match(local)) and _DOMAIN.match(domain))
+
+
+def parse_path(arg: str, keyword: str) -> tuple[str, str] | None:
+    """Split ``FROM:<addr> params`` into (address, params text); None if the keyword is wrong."""
+    if arg[: len(keyword)].upper() != keyword:
+        return None
+    rest = arg[len(keyword):].lstrip()
+    if rest.startswith("<"):
+        end = rest.find(">")
+        if end < 0:
+            return None
+        address, params = rest[1:end], rest[end + 1:]
+        if params and not params.startswith(" "):
+            return None
+    else:
+        address, _, params = rest.partition(" ")
+    if address.startswith("@"):  # a source route "@a,@b:user@d": ignore the route
+        address = address.partition(":")[2]
+    return address, params.strip()
+
+
+def parse_params(text: str) -> tuple[dict[str, str | None], str | None]:
+    """ESMTP parameters as {UPPER KEY: value or None}, and a syntax error message or None."""
+    params: dict[str, str | None] = {}
+    for item in text.split():
+        key, eq, value = item.partition("=")
+        if not _PARAM_KEY.match(key) or (eq and not _PARAM_VALUE.match(value)):
+            return params, f"Malformed parameter {item[:40]!r}"
+        key = key.upper()
+        if key in params:
+            return params, f"Duplicate parameter {key}"
+        params[key] = value if eq else None
+    return params, None
+
+
+class SMTPProtocol(AiosmtpdSMTP):
+    def __init__(self, server: Server, tls_listener: bool = False):
+        # Deliberately not calling AiosmtpdSMTP.__init__ (see module docstring).
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(limit=READ_LIMIT), self._cb_client_connected
+        )
+        self.server = server
+        self.config = server.config  # this connection's config generation
+        self.hooks = self.config.hooks
+        self.loop = asyncio.get_running_loop()
+        self.tls_listener = tls_listener
+        self.transport = None
+        self.session: Session | None = None
+        self._phase = BUSY
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_rx = self._last_reply = 0.0
+        self._eof = False  # the client's end of stream was seen
+        self._aborted = False  # we cut the session: process nothing more
+        self._counted = False
+        self._handler_task: asyncio.Task | None = None
+        self._on_command = self.hooks.has("on_command")
+        self._on_reply = self.hooks.has("on_reply")
+        self._commands = {
+            "HELO": self.cmd_helo, "EHLO": self.cmd_helo, "MAIL": self.cmd_mail,
+            "RCPT": self.cmd_rcpt, "DATA": self.cmd_data, "RSET": self.cmd_rset,
+            "NOOP": self.cmd_noop, "QUIT": self.cmd_quit, "VRFY": self.cmd_vrfy,
+            "EXPN": self.cmd_expn, "HELP": self.cmd_help, "STARTTLS": self.cmd_starttls,
+            "AUTH": self.cmd_auth,
+        }
+
+    # --- transport events -------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        asyncio.StreamReaderProtocol.connection_made(self, transport)
+        self.transport = transport
+        self.server.connection_opened(self)
+        self._counted = True
+        self.session = Session(
+            self.config,
+            transport.get_extra_info("peername"),
+            transport.get_extra_info("sockname"),
+            tls=self.tls_listener,
+            connections=self.server.connections,
+        )
+        self._last_rx = self._last_reply = self.loop.time()
+        self._handler_task = self.loop.create_task(self._handle_client())
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = self.loop.time()
+        asyncio.StreamReaderProtocol.data_received(self, data)
+        if self._phase == IDLE and "command" in self.session.timeouts:
+            self._arm()  # a partial command line now runs on the command timer
+
+    def eof_received(self):
+        self._eof = True
+        return asyncio.StreamReaderProtocol.eof_received(self)
+
+    def connection_lost(self, exc) -> None:
+        self._eof = True
+        self._cancel_timer()
+        # Feed EOF rather than the error: what the client sent before it went is still processed.
+        asyncio.StreamReaderProtocol.connection_lost(self, None)
+        if self._counted:
+            self._counted = False
+            self.server.connection_closed(self)
+
+    # --- timers: the core owns the clock, plugins set the durations ---------------------------
+
+    def _set_phase(self, phase: str) -> None:
+        self._phase = phase
+        self._arm()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _due(self) -> tuple[str, float] | None:
+        timeouts = self.session.timeouts
+        if self._phase == INPUT or (self._phase == IDLE and len(self._reader._buffer)):
+            if "command" in timeouts:
+                return "command", self._last_rx + timeouts["command"]
+        elif self._phase == IDLE and "idle" in timeouts:
+            return "idle", max(self._last_reply, self._last_rx) + timeouts["idle"]
+        return None
+
+    def _arm(self) -> None:
+        self._cancel_timer()
+        due = self._due()
+        if due is not None and self.transport is not None:
+            self._timer = self.loop.call_at(due[1], self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        due = self._due()
+        if due is None:
+            return
+        kind, when = due
+        if when > self.loop.time():  # activity since we armed: wait for the rest
+            self._timer = self.loop.call_at(when, self._on_timer)
+            return
+        text = "Session timeout" if kind == "idle" else "Command timeout"
+        log.info("session %s %s: %s", self.session.id, self.session.peer_ip, text.lower())
+        self.abort(Reply(421, "4.4.2", f"{self.session.hostname} {text}", close=True))
+
+    def abort(self, reply: Reply | None) -> None:
+        """Cut the session now: send *reply* if any, close, process nothing more."""
+        self._aborted = True
+        self._cancel_timer()
+        if reply is not None:
+            self._write(reply.wire())
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        self._reader.feed_eof()
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def send(self, reply: Reply, plugin: str = "core") -> None:
+        self._write(reply.wire())
+        self._last_reply = self.loop.time()
+        if reply.close:
+            self.abort(None)
+            return
+        if self._on_reply:
+            follow, _ = await self.hooks.decide("on_reply", session=self.session, reply=reply,
+                                                plugin=plugin)
+            if follow is not None:
+                self._write(follow.wire())
+                if follow.close:
+                    self.abort(None)
+                    return
+        if self.transport is not None and self.transport.get_write_buffer_size() > READ_LIMIT:
+            try:
+                await self._writer.drain()
+            except ConnectionError:
+                pass
+
+    # --- the session --------------------------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        session = self.session
+        try:
+            if await self._greet():
+                while not self._aborted:
+                    line = await self._read_command()
+                    if line is None or self._aborted:
+                        break
+                    self._set_phase(BUSY)
+                    await self._dispatch(line)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("session %s: internal error", session.id)
+            self.abort(Reply(421, "4.3.0", f"{session.hostname} Internal error, closing"))
+        finally:
+            self._cancel_timer()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
+            await self._end()
+
+    async def _end(self) -> None:
+        session = self.session
+        try:
+            await self.hooks.collect("on_disconnect", session=session)
+        finally:
+            self.server.session_ended(self)
+            log.info(
+                "session %s %s ended: %d message(s), %.3fs",
+                session.id, session.peer_ip, session.messages_accepted,
+                time.time() - session.connected_at,
+            )
+
+    async def _greet(self) -> bool:
+        session = self.session
+        reply, plugin = await self.hooks.decide("on_connect", session=session)
+        if reply is not None:
+            self._write(reply.wire())
+            self.abort(None) if reply.close or reply.code >= 400 else None
+            return not (reply.close or reply.code >= 400)
+        text, _ = await self.hooks.first("greeting", session=session)
+        self._write(Reply(220, "", text or f"{session.hostname} ESMTP").wire())
+        self._last_reply = self.loop.time()
+        self._set_phase(IDLE)
+        return True
+
+    async def _read_command(self, limit: int = COMMAND_LIMIT) -> bytes | None:
+        """One command line (without line ending); ``b"\\0too-long"`` for an over-long line;
+        None at end of stream."""
+        if limit == COMMAND_LIMIT:
+            self._set_phase(IDLE)
+        reader = self._reader
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError:
+            return None
+        except asyncio.LimitOverrunError as exc:
+            await reader.readexactly(exc.consumed)
+            while True:  # discard the rest of the over-long line, in bounded pieces
+                try:
+                    await reader.readuntil(b"\n")
+                    break
+                except asyncio.LimitOverrunError as more:
+                    await reader.readexactly(more.consumed)
+                except asyncio.IncompleteReadError:
+                    return None
+            return b"\0too-long"
+        if len(line) > limit and not (
+            len(line) <= AUTH_LINE_LIMIT and line[:5].upper() == b"AUTH "
+        ):
+            return b"\0too-long"
+        return line.rstrip(b"\r\n")
+
+    async def _read_command_input(self) -> bytes | None:
+        """A line answering a ``334`` challenge: on the command timer, AUTH line limit."""
+        phase = self._phase
+        line = await self._read_command(AUTH_LINE_LIMIT)
+        self._set_phase(phase)
+        return line
+
+    async def _dispatch(self, line: bytes) -> None:
+        if line == b"\0too-long":
+            await self.send(R_LINE_TOO_LONG)
+            return
+        verb_bytes, _, arg_bytes = line.partition(b" ")
+        try:
+            verb = verb_bytes.decode("ascii").upper()
+        except UnicodeDecodeError:
+            verb = ""
+        arg = arg_bytes.decode("utf-8", "surrogateescape").strip()
+        if self._on_command:
+            reply, plugin = await self.hooks.decide("on_command", session=self.session,
+                                                    verb=verb, arg=arg)
+            if reply is not None:
+                await self.send(reply, plugin)
+                return
+        method = self._commands.get(verb)
+        if method is None or not verb.isalpha():
+            if verb in ("TURN", "ETRN", "SEND", "SAML", "SOML", "BDAT", "ATRN"):
+                await self.send(Reply(502, "5.5.1", f"{verb} not implemented"))
+            else:
+                await self.send(R_SYNTAX)
+            return
+        self._verb = verb
+        await method(arg)
+
+    # --- commands -----------------------------------------------------------------------------
+
+    async def cmd_helo(self, arg: str) -> None:
+        session, verb = self.session, self._verb
+        if not arg or " " in arg:
+            await self.send(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
+            return
+        reply, plugin = await self.hooks.decide("on_helo", session=session, verb=verb,
+                                                hostname=arg)
+        if reply is not None:
+            await self.send(reply, plugin)
+            return
+        auth_user = session.auth_user
+        session.reset_smtp_state()
+        session.auth_user = auth_user  # a second EHLO does not log the client out
+        session.helo, session.esmtp = arg, verb == "EHLO"
+        greeting = f"{session.hostname} Hello {arg} {session.ip_literal}"
+        if verb == "HELO":
+            await self.send(Reply(250, "", greeting))
+            return
+        await self.send(Reply(250, "", (greeting, *await self.ehlo_keywords())))
+
+    async def ehlo_keywords(self) -> list[str]:
+        session = self.session
+        added = [kw for _, kws in await self.hooks.collect("ehlo_keywords", session=session)
+                 for kw in kws]
+        keywords = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        if not any(kw.upper().split()[0] == "SIZE" for kw in added):
+            keywords.append("SIZE")
+        if self.server.tls_context is not None and not session.tls:
+            keywords.append("STARTTLS")
+        mechanisms = [m.name for m in await self.auth_mechanisms() if m.advertised]
+        if mechanisms:
+            keywords.append("AUTH " + " ".join(mechanisms))
+        return keywords + added
+
+    async def auth_mechanisms(self) -> list:
+        return [m for _, ms in await self.hooks.collect("auth_mechanisms", session=self.session)
+                for m in ms]
+
+    async def cmd_mail(self, arg: str) -> None:
+        session = self.session
+        if session.helo is None:
+            await self.send(R_NEED_HELO)
+            return
+        if session.transaction is not None:
+            await self.send(Reply(503, "5.5.1", "Nested MAIL command"))
+            return
+        parsed = parse_path(arg, "FROM:")
+        if parsed is None:
+            await self.send(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]"))
+            return
+        address, params_text = parsed
+        if address and not valid_address(address):
+            await self.send(Reply(501, "5.1.7", "Bad sender address syntax"))
+            return
+        if not address.isascii():
+            await self.send(Reply(553, "5.6.7", "Non-ASCII addresses are not supported"))
+            return
+        params, error = parse_params(params_text)
+        transaction = Transaction(address, params, param_error=error)
+        reply, plugin = await self.hooks.decide("on_mail_from", session=session,
+                                                transaction=transaction)
+        if reply is not None:
+            await self.send(reply, plugin)
+            return
+        session.transaction = transaction
+        await self.send(Reply(250, "2.1.0", "Sender OK"))
+
+    async def cmd_rcpt(self, arg: str) -> None:
+        session = self.session
+        transaction = session.transaction
+        if transaction is None:
+            await self.send(Reply(503, "5.5.1", "Need MAIL command first"))
+            return
+        parsed = parse_path(arg, "TO:")
+        if parsed is None:
+            await self.send(Reply(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]"))
+            return
+        address, params_text = parsed
+        if address.lower() == "postmaster":
+            address = f"{address}@{min(session.directory.domains)}"
+        if not valid_address(address):
+            await self.send(Reply(501, "5.1.3", "Bad recipient address syntax"))
+            return
+        if not address.isascii():
+            await self.send(Reply(553, "5.6.7", "Non-ASCII addresses are not supported"))
+            return
+        if len(transaction.recipients) >= MAX_RECIPIENTS:
+            await self.send(Reply(452, "4.5.3", "Too many recipients"))
+            return
+        params, error = parse_params(params_text)
+        recipient = Recipient(address, params, session.directory.is_local_address(address),
+                              param_error=error)
+        reply, plugin = await self.hooks.decide("on_rcpt", session=session,
+                                                transaction=transaction, recipient=recipient)
+        if reply is not None:
+            await self.send(reply, plugin)
+            return
+        transaction.recipients.append(recipient)
+        await self.send(Reply(250, "2.1.5", "Recipient OK"))
+
+    async def cmd_data(self, arg: str) -> None:
+        session = self.session
+        transaction = session.transaction
+        if transaction is None:
+            await self.send(Reply(503, "5.5.1", "Need MAIL command first"))
+            return
+        if not transaction.recipients:
+            await self.send(Reply(503, "5.5.1", "Need RCPT command first"))
+            return
+        if arg:
+            await self.send(Reply(501, "5.5.4", "Syntax: DATA"))
+            return
+        self._write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        self._last_reply = self.loop.time()
+        message = Message(self.server.spool_dir(self.config), transaction.data_limit)
+        try:
+            complete = await self._receive(message)
+            session.transaction = None
+            if not complete or self._aborted:
+                return  # an incomplete message is never delivered
+            await self._finish_message(transaction, message)
+        finally:
+            message.close()
+
+    async def _receive(self, message: Message) -> bool:
+        """Stream the DATA body into *message*: dot-unstuffed, bare CR/LF made CRLF, strictly
+        ended by CRLF.CRLF. Bytes the client pipelined after the end stay in the reader."""
+        self._set_phase(INPUT)
+        reader = self._reader
+        pending = b"\r\n"  # the body starts at a line start; this CRLF is not stored
+        first = True
+        while True:
+            chunk = await reader.read(READ_LIMIT)
+            if not chunk or self._aborted:
+                return False
+            buf = pending + chunk
+            end = buf.find(b"\r\n.\r\n")
+            if end >= 0:
+                body, rest = buf[: end + 2], buf[end + 5:]
+                if rest:
+                    reader._buffer[0:0] = rest  # pipelined commands after the final dot
+                pending = b""
+            else:
+                # Keep from the last CRLF on, so that no CRLF.CRLF or CRLF. straddles chunks.
+                cut = buf.rfind(b"\r\n")
+                if cut <= 0:
+                    cut = max(len(buf) - 1, 0) if len(buf) > 4 else 0
+                body, pending = buf[:cut], buf[cut:]
+            if body:
+                body = body.replace(b"\r\n.", b"\r\n")
+                body = _BARE_CR_OR_LF.sub(b"\r\n", body)
+                if first:
+                    body, first = body[2:], False
+                message.write(body)
+            if end >= 0:
+                return True
+
+    async def _finish_message(self, transaction: Transaction, message: Message) -> None:
+        session = self.session
+        self._set_phase(BUSY)
+        reply, plugin = await self.hooks.decide("on_data", session=session,
+                                                transaction=transaction, message=message)
+        if reply is not None:
+            await self.send(reply, plugin)
+            return
+        if message.oversized:  # the size plugin set a limit and did not answer: still refuse
+            await self.send(Reply(552, "5.3.4", "Message size exceeds fixed limit"))
+            return
+        if self._eof and not await self._continue_after_disconnect():
+            log.info("queue id %s: client gone before storing: discarded", transaction.id)
+            return
+        result, plugin = await self.hooks.first("deliver", session=session,
+                                                transaction=transaction, message=message)
+        if isinstance(result, Reply):
+            await self.send(result, plugin or "core")
+            return
+        if result is None:
+            log.error("queue id %s: no plugin delivered the message", transaction.id)
+            await self.send(Reply(451, "4.3.0", "No delivery backend, try again later"))
+            return
+        session.messages_accepted += 1
+        session.counters["messages"] += 1
+        self.server.message_accepted(session, transaction, message)
+        log.info(
+            "accepted %s client=%s from=<%s> to=%s size=%d",
+            transaction.id, session.peer_ip, transaction.mail_from,
+            ",".join(f"<{r.address}>" for r in transaction.recipients), message.size,
+        )
+        await self.send(Reply(250, "2.0.0", f"OK: queued as {transaction.id}"))
+        await self.hooks.collect("after_delivery", session=session, transaction=transaction,
+                                 message=message, delivered=result)
+
+    async def _continue_after_disconnect(self) -> bool:
+        decision, _ = await self.hooks.first("continue_after_disconnect", session=self.session)
+        return bool(decision)
+
+    async def cmd_rset(self, arg: str) -> None:
+        self.session.transaction = None
+        await self.send(R_OK)
+
+    async def cmd_noop(self, arg: str) -> None:
+        await self.send(R_OK)
+
+    async def cmd_quit(self, arg: str) -> None:
+        await self.send(Reply(221, "2.0.0", f"{self.session.hostname} closing connection",
+                              close=True))
+
+    async def cmd_help(self, arg: str) -> None:
+        await self.send(Reply(214, "2.0.0", "See RFC 5321; commands: " + " ".join(
+            sorted(self._commands))))
+
+    async def cmd_vrfy(self, arg: str) -> None:
+        if not arg:
+            await self.send(Reply(501, "5.5.4", "Syntax: VRFY address"))
+            return
+        reply, plugin = await self.hooks.decide("on_vrfy", session=self.session,
+                                                address=arg.strip("<>"))
+        await self.send(reply or Reply(
+            252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"),
+            plugin or "core")
+
+    async def cmd_expn(self, arg: str) -> None:
+        if not arg:
+            await self.send(Reply(501, "5.5.4", "Syntax: EXPN address"))
+            return
+        reply, plugin = await self.hooks.decide("on_expn", session=self.session,
+                                                address=arg.strip("<>"))
+        await self.send(reply or Reply(502, "5.5.1", "EXPN not available"), plugin or "core")
+
+    async def cmd_starttls(self, arg: str) -> None:
+        session = self.session
+        context = self.server.tls_context
+        if context is None or session.tls:
+            code = 503 if session.tls else 502
+            await self.send(Reply(code, "5.5.1", "STARTTLS not available"))
+            return
+        if arg:
+            await self.send(Reply(501, "5.5.4", "Syntax: STARTTLS"))
+            return
+        if session.helo is None:
+            await self.send(R_NEED_HELO)
+            return
+        self._write(Reply(220, "2.0.0", "Ready to start TLS").wire())
+        # Whatever the client pipelined after STARTTLS in plaintext is discarded (RFC 3207 4.2;
+        # cf. CVE-2021-38371, CVE-2024-34083): the reader is emptied before the handshake.
+        self._reader._buffer.clear()
+        self._set_phase(INPUT)
+        try:
+            transport = await self.loop.start_tls(self.transport, self, context,
+                                                  server_side=True, ssl_handshake_timeout=60)
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.info("session %s: TLS handshake failed: %s", session.id, exc)
+            self.abort(None)
+            return
+        if transport is None:
+            self.abort(None)
+            return
+        self._reader._buffer.clear()
+        self.transport = transport
+        self._reader._transport = transport
+        self._writer._transport = transport
+        self._over_ssl = True
+        session.tls = True
+        session.reset_smtp_state()
+
+    async def cmd_auth(self, arg: str) -> None:
+        session = self.session
+        if not session.esmtp:
+            await self.send(Reply(503, "5.5.1", "Send EHLO first"))
+            return
+        if session.auth_user is not None:
+            await self.send(Reply(503, "5.5.1", "Already authenticated"))
+            return
+        if session.transaction is not None:
+            await self.send(Reply(503, "5.5.1", "AUTH not allowed during a mail transaction"))
+            return
+        name, _, initial = arg.partition(" ")
+        name = name.upper()
+        if not name:
+            await self.send(Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
+            return
+        mechanisms = {m.name: m for m in await self.auth_mechanisms()}
+        if not mechanisms:
+            await self.send(Reply(502, "5.5.1", "AUTH not available"))
+            return
+        mechanism = mechanisms.get(name)
+        if mechanism is None:
+            await self.send(Reply(504, "5.5.4", "Unrecognized authentication type"))
+            return
+        reply, plugin = await self.hooks.decide("on_auth", session=session, mechanism=name)
+        if reply is not None:
+            await self.send(reply, plugin)
+            return
+        try:
+            first = None
+            if initial:
+                first = b"" if initial.strip() == "=" else self._b64(initial.strip())
+            user = await mechanism.authenticate(session, _Exchange(self), first)
+        except AuthCancelled:
+            await self.send(Reply(501, "5.7.0", "Authentication cancelled"))
+            return
+        except AuthSyntaxError:
+            await self.send(Reply(501, "5.5.2", "Cannot decode response"))
+            return
+        except _Gone:
+            return
+        if user is None:
+            await self.send(Reply(535, "5.7.8", "Authentication credentials invalid"))
+            return
+        session.auth_user = user
+        await self.send(Reply(235, "2.7.0", "Authentication successful"))
+
+    @staticmethod
+    def _b64(text: str) -> bytes:
+        if text == "*":
+            raise AuthCancelled()
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise AuthSyntaxError() from None
+
+
+class _Gone(Exception):
+    """The client went away (or timed out) during an AUTH exchange."""
+
+
+class _Exchange:
+    """The wire side of a SASL exchange, handed to a :class:`ingress.auth.Mechanism`."""
+
+    def __init__(self, protocol: SMTPProtocol):
+        self._protocol = protocol
+
+    async def challenge(self, data: bytes) -> bytes:
+        p = self._protocol
+        p._write(b"334 " + base64.b64encode(data) + b"\r\n")
+        p._last_reply = p.loop.time()
+        p._set_phase(INPUT)
+        line = await p._read_command_input()
+        if line is None:
+            raise _Gone()
+        if line == b"\0too-long":
+            raise AuthSyntaxError()
+        return p._b64(line.decode("ascii", "replace").strip())
