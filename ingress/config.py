@@ -179,8 +179,12 @@ def _discover(raw: dict, source: str) -> tuple[list[manager.PluginInfo], list[st
     return infos, errors
 
 
-def build(raw: Any, path: Path | None, base_dir: Path) -> Config:
-    """Validate *raw* config data and build its generation; raises :class:`ConfigError`."""
+def build(raw: Any, path: Path | None, base_dir: Path,
+          extra_plugins: dict[str, object] | None = None) -> Config:
+    """Validate *raw* config data and build its generation; raises :class:`ConfigError`.
+
+    *extra_plugins* (name: plugin object) are registered as third-party plugins whatever the
+    config says (``ingress.testing`` uses this for plugins that are not installed)."""
     source = str(path) if path else EMBEDDED
     if raw is None:
         raw = {}
@@ -188,6 +192,8 @@ def build(raw: Any, path: Path | None, base_dir: Path) -> Config:
         raise ConfigError(f"{source}: : the config must be a table/mapping at the top level")
     raw = copy.deepcopy(raw)
     infos, errors = _discover(raw, source)
+    for name, plugin in (extra_plugins or {}).items():
+        infos.append(manager.PluginInfo(name, "test", plugin))
     if errors:
         raise ConfigError(errors)
 

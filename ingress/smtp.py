@@ -321,6 +321,9 @@ class SMTPProtocol(AiosmtpdSMTP):
         if line == b"\0too-long":
             await self.send(R_LINE_TOO_LONG)
             return
+        if b"\0" in line:
+            await self.send(R_SYNTAX)
+            return
         verb_bytes, _, arg_bytes = line.partition(b" ")
         try:
             verb = verb_bytes.decode("ascii").upper()
@@ -347,7 +350,7 @@ class SMTPProtocol(AiosmtpdSMTP):
 
     async def cmd_helo(self, arg: str) -> None:
         session, verb = self.session, self._verb
-        if not arg or " " in arg:
+        if not arg or " " in arg or not arg.isprintable() or not arg.isascii():
             await self.send(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
             return
         reply, plugin = await self.hooks.decide("on_helo", session=session, verb=verb,

@@ -1,0 +1,316 @@
+"""Pytest fixtures that start a real ingress server. Plugin authors may import this module.
+
+Installed as a pytest plugin (``pytest11`` entry point ``ingress``); nothing here is autouse.
+
+``ingress_server`` starts ``python -m ingress serve`` as a subprocess from a config dict, on a free
+port of 127.0.0.1, with its Maildir and queue in the test's ``tmp_path``::
+
+    def test_greeting(ingress_server):
+        server = ingress_server({"plugins": {"banner": {"text": "hi"}}})
+        with server.smtp() as client:
+            assert client.ehlo()[0] == 250
+
+``ingress_inprocess_server`` runs the server on an event loop in a thread of the test process, and
+also takes plugin objects that are not installed anywhere (``plugins={"name": obj}``).
+
+``SMTPRaw`` is a byte-level client for rude and slow clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+READY = re.compile(r"ingress: listening on (\S+):(\d+) \((smtps?)\)")
+START_TIMEOUT = 20.0
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def server_config(tmp_path: Path, config: dict | None = None) -> dict:
+    """*config* completed with what a test server needs: free ports on 127.0.0.1, hostname
+    ``mx.test``, Maildir and queue under *tmp_path*, and a short drain."""
+    base = {
+        "server": {"hostname": "mx.test", "listen": ["127.0.0.1:0"], "drain_seconds": 2},
+        "delivery": {"maildir": str(tmp_path / "mail"), "queue": str(tmp_path / "queue")},
+    }
+    return deep_merge(base, config or {})
+
+
+class RunningServer:
+    """A started server: where it listens and where it stores mail."""
+
+    def __init__(self, config: dict, config_path: Path, listeners: list[tuple[str, int, str]]):
+        self.config = config
+        self.config_path = config_path
+        self.listeners = listeners
+        self.maildir = Path(config["delivery"]["maildir"])
+        self.queue = Path(config["delivery"]["queue"])
+        self.hostname = config["server"]["hostname"]
+
+    @property
+    def host(self) -> str:
+        return self.listeners[0][0]
+
+    @property
+    def port(self) -> int:
+        return next(p for _, p, kind in self.listeners if kind == "smtp")
+
+    @property
+    def tls_port(self) -> int:
+        return next(p for _, p, kind in self.listeners if kind == "smtps")
+
+    def smtp(self, **kwargs: Any) -> smtplib.SMTP:
+        """An ``smtplib.SMTP`` client connected to the first plain listener."""
+        kwargs.setdefault("timeout", 10)
+        return smtplib.SMTP(self.host, self.port, **kwargs)
+
+    def raw(self, port: int | None = None) -> SMTPRaw:
+        return SMTPRaw(self.host, port or self.port)
+
+    def mailbox(self, address: str) -> list[bytes]:
+        """The messages in the Maildir ``new/`` of *address*, oldest first."""
+        local, _, domain = address.rpartition("@")
+        new = self.maildir / domain.lower() / local.lower() / "new"
+        if not new.is_dir():
+            return []
+        files = sorted(new.iterdir(), key=lambda p: (p.stat().st_mtime_ns, p.name))
+        return [p.read_bytes() for p in files]
+
+    def all_messages(self) -> list[Path]:
+        """Every message file in every mailbox's ``new/``."""
+        return sorted(self.maildir.glob("*/*/new/*"))
+
+    def queue_entries(self) -> list[tuple[dict, bytes]]:
+        """``(envelope, message bytes)`` of every complete queue entry."""
+        entries = []
+        for meta in sorted(self.queue.glob("*.json")):
+            entries.append((json.loads(meta.read_text()), meta.with_suffix(".eml").read_bytes()))
+        return entries
+
+
+class SubprocessServer(RunningServer):
+    def __init__(self, config, config_path, listeners, process, log_path):
+        super().__init__(config, config_path, listeners)
+        self.process = process
+        self.log_path = log_path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 20) -> int:
+        """SIGTERM, then wait for the exit code (killed after *timeout* seconds)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._stdout_reader.join(5)
+        self.process.stdout.close()
+        return self.process.returncode
+
+
+def start_subprocess(
+    config: dict, workdir: Path, *, env: dict | None = None, disabled: tuple[str, ...] = (),
+    args: tuple[str, ...] = (),
+) -> SubprocessServer:
+    """Write *config* as JSON in *workdir* and run ``python -m ingress serve`` on it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "ingress.json"
+    config_path.write_text(json.dumps(config, indent=1))
+    log_path = workdir / "ingress.log"
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    if disabled:
+        full_env["INGRESS_DISABLE_PLUGINS"] = ",".join(disabled)
+    log_file = open(log_path, "wb")  # noqa: SIM115 - the child writes to it until it exits
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ingress", "serve", "--config", str(config_path), *args],
+        stdout=subprocess.PIPE, stderr=log_file, cwd=workdir, env=full_env,
+    )
+    log_file.close()
+    server = config["server"]
+    wanted = len(server.get("listen", ["x"])) + len(server.get("listen_tls", []))
+    listeners: list[tuple[str, int, str]] = []
+    deadline = time.monotonic() + START_TIMEOUT
+    while len(listeners) < wanted:
+        line = process.stdout.readline().decode(errors="replace")
+        if not line:
+            process.wait(5)
+            raise RuntimeError(f"ingress exited ({process.returncode}) before it was ready:\n"
+                               + log_path.read_text(errors="replace"))
+        found = READY.search(line)
+        if found:
+            listeners.append((found[1].strip("[]"), int(found[2]), found[3]))
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("ingress did not get ready in time")
+    reader = threading.Thread(target=process.stdout.read, daemon=True)
+    reader.start()
+    server = SubprocessServer(config, config_path, listeners, process, log_path)
+    server._stdout_reader = reader
+    return server
+
+
+class InProcessServer(RunningServer):
+    """A server on an event loop in a background thread of the test process."""
+
+    def __init__(self, config, config_path, cfg, plugins):
+        from ingress.server import Server
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+        async def boot():
+            server = Server(cfg)
+            return server, await server.start()
+
+        self.server, ready = asyncio.run_coroutine_threadsafe(boot(), self._loop).result(30)
+        listeners = []
+        for line in ready:
+            found = READY.search(f"ingress: listening on {line}")
+            listeners.append((found[1].strip("[]"), int(found[2]), found[3]))
+        super().__init__(config, config_path, listeners)
+
+    def call(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self) -> None:
+        if not self._loop.is_running():
+            return
+        self.call(self.server.drain(0))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+def start_inprocess(config: dict, workdir: Path, plugins: dict[str, object] | None = None):
+    from ingress import config as config_mod
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "ingress.json"
+    config_path.write_text(json.dumps(config, indent=1))
+    cfg = config_mod.build(config, config_path, workdir, extra_plugins=plugins or {})
+    return InProcessServer(config, config_path, cfg, plugins)
+
+
+@pytest.fixture
+def ingress_server(tmp_path):
+    """Factory: ``ingress_server(config=None, *, env=None, disabled=())`` starts a subprocess
+    server and returns a :class:`SubprocessServer`; every server is stopped after the test."""
+    started: list[SubprocessServer] = []
+
+    def start(config: dict | None = None, *, env: dict | None = None,
+              disabled: tuple[str, ...] = (), name: str = "server") -> SubprocessServer:
+        full = server_config(tmp_path / name, config)
+        server = start_subprocess(full, tmp_path / name, env=env, disabled=disabled)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def ingress_inprocess_server(tmp_path):
+    """Factory: ``ingress_inprocess_server(config=None, plugins={name: obj})`` runs a server in
+    this process (plugin objects need not be installed); stopped after the test."""
+    started: list[InProcessServer] = []
+
+    def start(config: dict | None = None, plugins: dict[str, object] | None = None,
+              name: str = "server") -> InProcessServer:
+        full = server_config(tmp_path / name, config)
+        server = start_inprocess(full, tmp_path / name, plugins)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+class SMTPRaw:
+    """A byte-level SMTP client for tests of rude, slow and malformed clients."""
+
+    def __init__(self, host: str, port: int, timeout: float = 10):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self._buffer = b""
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def _line(self) -> bytes:
+        while b"\n" not in self._buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"connection closed; unread: {self._buffer!r}")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.rstrip(b"\r")
+
+    def reply(self) -> tuple[int, str]:
+        """Read one (possibly multi-line) reply: ``(code, text)``, lines joined by ``\\n``."""
+        lines = []
+        while True:
+            line = self._line().decode(errors="replace")
+            lines.append(line[4:])
+            if len(line) < 4 or line[3] != "-":
+                return int(line[:3]), "\n".join(lines)
+
+    def cmd(self, line: bytes | str) -> tuple[int, str]:
+        self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return self.reply()
+
+    def closed_by_server(self, timeout: float = 10) -> bool:
+        """True once the server has closed the connection (EOF), within *timeout*."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+                self._buffer += chunk
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> SMTPRaw:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

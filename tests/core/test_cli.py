@@ -1,0 +1,163 @@
+"""The command line: check-config, schema, plugins, and serve's refusal of bad configs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def ingress(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "ingress", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=60)
+
+
+def write(tmp_path, text, name="ingress.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_valid_config_passes(tmp_path):
+    path = write(tmp_path, '[server]\nhostname = "mx.example.test"\n[plugins.banner]\n'
+                           'text = "hello"\n')
+    result = ingress("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_misspelt_key_names_file_and_its_own_pointer(tmp_path):
+    path = write(tmp_path, '[plugins.banner]\ntxet = "hello"\n')
+    result = ingress("check-config", str(path))
+    assert result.returncode == 2
+    assert f"{path}: /plugins/banner/txet: unknown key 'txet'" in result.stderr.splitlines()
+    assert "Traceback" not in result.stderr
+
+
+def test_every_error_is_reported_not_just_the_first(tmp_path):
+    path = write(tmp_path, '[server]\nworkers = "two"\nlisten = "x"\nbogus = 1\n'
+                           '[plugins.received_header]\nappend = "sometimes"\n')
+    lines = ingress("check-config", str(path)).stderr.splitlines()
+    pointers = {line.split(": ")[1] for line in lines}
+    assert {"/server/workers", "/server/listen", "/server/bogus",
+            "/plugins/received_header/append"} <= pointers
+    assert all(line.startswith(f"{path}: /") for line in lines)
+
+
+def test_unknown_plugin_section_is_an_error(tmp_path):
+    path = write(tmp_path, "[plugins.no_such_plugin]\n")
+    result = ingress("check-config", str(path))
+    assert result.returncode == 2
+    assert f"{path}: /plugins/no_such_plugin: unknown key 'no_such_plugin'" in result.stderr
+
+
+def test_unparsable_file(tmp_path):
+    path = write(tmp_path, "[server\nhostname=")
+    result = ingress("check-config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"{path}: cannot parse")
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_file(tmp_path):
+    result = ingress("check-config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2
+    assert "cannot read" in result.stderr
+
+
+@pytest.mark.parametrize("name,text", [
+    ("c.json", json.dumps({"plugins": {"banner": {"txet": "x"}}})),
+    ("c.yaml", "plugins:\n  banner:\n    txet: x\n"),
+])
+def test_json_and_yaml_are_validated_the_same_way(tmp_path, name, text):
+    path = write(tmp_path, text, name)
+    result = ingress("check-config", str(path))
+    assert result.returncode == 2
+    assert f"{path}: /plugins/banner/txet: unknown key 'txet'" in result.stderr
+
+
+def test_directory_errors_carry_pointers(tmp_path):
+    path = write(tmp_path, '[directory]\ndomains = ["Example.TEST"]\n'
+                           '[[directory.users]]\naddress = "bob@example.test"\n')
+    result = ingress("check-config", str(path))
+    assert result.returncode == 2
+    assert f"{path}: /directory/users/0/password:" in result.stderr
+
+
+def test_tls_cert_without_key(tmp_path):
+    path = write(tmp_path, '[server]\ntls_cert = "cert.pem"\n')
+    result = ingress("check-config", str(path))
+    assert result.returncode == 2
+    assert "/server/tls_key" in result.stderr
+
+
+def test_plugin_module_that_fails_to_import_is_named(tmp_path):
+    path = write(tmp_path, '[server]\nplugin_modules = ["broken_import"]\n')
+    result = ingress("check-config", str(path))
+    assert result.returncode == 2
+    assert "/server/plugin_modules/0: plugin module 'broken_import' failed to import" \
+        in result.stderr
+    assert "broken on purpose" in result.stderr
+
+
+def test_misspelt_hook_name_is_a_startup_error_naming_the_plugin(tmp_path):
+    path = write(tmp_path, '[server]\nplugin_modules = ["bad_hook"]\n[plugins.bad_hook]\n')
+    result = ingress("check-config", str(path))
+    assert result.returncode == 2
+    assert "plugin 'bad_hook'" in result.stderr
+    assert "on_conect" in result.stderr
+    result = ingress("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert "on_conect" in result.stderr
+
+
+def test_third_party_plugin_may_not_take_a_builtin_name(tmp_path):
+    path = write(tmp_path, '[server]\nplugin_modules = ["clash"]\n')
+    result = ingress("check-config", str(path))
+    assert result.returncode == 2
+    assert "has the name of a builtin plugin" in result.stderr
+
+
+def test_third_party_schema_is_merged_and_applied(tmp_path):
+    path = write(tmp_path, '[server]\nplugin_modules = ["with_schema"]\n'
+                           '[plugins.with_schema]\ngreting = "x"\n')
+    result = ingress("check-config", str(path))
+    assert f"{path}: /plugins/with_schema/greting: unknown key 'greting'" in result.stderr
+    path = write(tmp_path, '[server]\nplugin_modules = ["with_schema"]\n'
+                           '[plugins.with_schema]\ngreeting = "x"\n')
+    assert ingress("check-config", str(path)).returncode == 0
+
+
+def test_serve_refuses_an_invalid_config(tmp_path):
+    path = write(tmp_path, '[plugins.banner]\ntxet = "hello"\n')
+    result = ingress("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert f"{path}: /plugins/banner/txet: unknown key 'txet'" in result.stderr
+
+
+def test_schema_is_the_merged_draft_2020_12_schema():
+    result = ingress("schema")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    plugins = schema["properties"]["plugins"]["properties"]
+    assert plugins["banner"]["properties"]["text"]["default"] == "#HostName# ESMTP"
+    assert plugins["received_header"]["properties"]["append"]["enum"] == [
+        "all", "unauthenticated", "none"]
+    assert set(schema["properties"]) == {"server", "directory", "delivery", "plugins"}
+
+
+def test_plugins_lists_name_source_and_hooks(tmp_path):
+    result = ingress("plugins")
+    assert result.returncode == 0
+    rows = {line.split("\t")[0]: line.split("\t") for line in result.stdout.splitlines()}
+    assert rows["banner"][1] == "builtin"
+    assert "greeting" in rows["banner"][2]
+    assert rows["received_header"][1] == "builtin"
+    path = write(tmp_path, '[server]\nplugin_modules = ["with_schema"]\n[plugins.with_schema]\n')
+    result = ingress("plugins", "--config", str(path))
+    rows = {line.split("\t")[0]: line.split("\t") for line in result.stdout.splitlines()}
+    assert rows["with_schema"][1] == "module with_schema"
+    assert "on_command" in rows["with_schema"][2]

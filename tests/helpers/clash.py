@@ -1,0 +1,3 @@
+"""A third-party plugin that takes a builtin's name."""
+
+NAME = "banner"

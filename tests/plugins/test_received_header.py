@@ -1,0 +1,77 @@
+"""received_header: all / unauthenticated / none, and always one when the message has none."""
+
+from __future__ import annotations
+
+import email
+import re
+
+import pytest
+
+USERS = {
+    "domains": ["example.test"],
+    "users": [{"address": "alice@example.test", "password": "alicepw"}],
+}
+PLAIN = "From: a@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+EARLIER = "Received: from earlier.example by relay.example; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+WITH_RECEIVED = EARLIER + PLAIN
+
+
+def config(mode: str) -> dict:
+    return {"directory": USERS, "server": {"plugin_modules": ["fake_auth"]},
+            "plugins": {"received_header": {"append": mode}, "fake_auth": {}}}
+
+
+def send(server, body: str, rcpts=("alice@example.test",), auth=False) -> bytes:
+    with server.smtp() as client:
+        client.ehlo("client.example.org")
+        if auth:
+            client.user, client.password = "alice@example.test", "alicepw"
+            code, _ = client.auth("XPLAIN", client.auth_plain)
+            assert code == 235
+        client.sendmail("a@example.org", list(rcpts), body)
+    return server.mailbox("alice@example.test")[-1]
+
+
+def received(stored: bytes) -> list[str]:
+    return email.message_from_bytes(stored).get_all("Received") or []
+
+
+def test_format(ingress_server):
+    server = ingress_server(config("all"))
+    [header] = received(send(server, PLAIN))
+    pattern = (r"from client\.example\.org \(\[127\.0\.0\.1\]\) by mx\.test with ESMTP "
+               r"id [0-9A-F]+ for <alice@example\.test>; "
+               r"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} \+0000")
+    assert re.fullmatch(pattern, " ".join(header.split())), header
+
+
+def test_no_for_clause_with_several_recipients(ingress_server):
+    server = ingress_server({**config("all"), "directory": {**USERS, "domains": ["example.test"],
+                            "users": USERS["users"] + [{"address": "b@example.test",
+                                                        "password": "x"}]}})
+    [header] = received(send(server, PLAIN, rcpts=("alice@example.test", "b@example.test")))
+    assert " for " not in header
+
+
+@pytest.mark.parametrize("mode,auth,added", [
+    ("all", False, True), ("all", True, True),
+    ("unauthenticated", False, True), ("unauthenticated", True, False),
+    ("none", False, False), ("none", True, False),
+])
+def test_modes(ingress_server, mode, auth, added):
+    server = ingress_server(config(mode))
+    headers = received(send(server, WITH_RECEIVED, auth=auth))
+    assert len(headers) == (2 if added else 1)
+    if added:
+        assert "by mx.test with ESMTPA" in headers[0] if auth else "with ESMTP id" in headers[0]
+
+
+@pytest.mark.parametrize("mode", ["none", "unauthenticated"])
+def test_a_message_without_received_always_gets_one(ingress_server, mode):
+    server = ingress_server(config(mode))
+    assert len(received(send(server, PLAIN, auth=True))) == 1
+
+
+def test_the_header_comes_from_the_plugin(ingress_server):
+    server = ingress_server(config("all"), disabled=("received_header",))
+    assert received(send(server, PLAIN)) == []
