@@ -253,7 +253,7 @@ def test_client_that_vanishes_mid_data_leaves_nothing(server):
 def test_swaks(server):
     import subprocess
 
-    from tests.conftest import need
+    from conftest import need
 
     swaks = need("swaks")
     result = subprocess.run(
@@ -268,7 +268,7 @@ def test_swaks(server):
 def test_smtp_source(server):
     import subprocess
 
-    from tests.conftest import need
+    from conftest import need
 
     source = need("smtp-source")
     result = subprocess.run(
