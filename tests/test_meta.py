@@ -1,0 +1,39 @@
+"""Every builtin has a schema, docs and tests; every hook is documented."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from ingress import hookspecs
+from ingress.manager import BUILTIN_PLUGINS
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOKS = sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "ingress_spec"))
+
+
+@pytest.mark.parametrize("name", BUILTIN_PLUGINS)
+def test_builtin_has_module_schema_docs_and_tests(name):
+    assert (ROOT / "plugins" / f"{name}.py").is_file()
+    schema = json.loads((ROOT / "schemas" / f"{name}.json").read_text())
+    assert schema["type"] == "object" and schema["additionalProperties"] is False
+    for key, sub in schema["properties"].items():
+        assert "default" in sub, f"{name}.{key} has no default"
+        assert sub.get("description"), f"{name}.{key} has no description"
+    assert (ROOT / "docs" / "plugins" / f"{name}.md").is_file()
+    assert (ROOT / "tests" / "plugins" / f"test_{name}.py").is_file()
+    assert f"`{name}`" in (ROOT / "README.md").read_text()
+
+
+def test_hook_list_is_complete():
+    assert "on_connect" in HOOKS and "deliver" in HOOKS and len(HOOKS) >= 18
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_is_documented(hook):
+    docs = (ROOT / "docs" / "hooks.md").read_text()
+    assert re.search(rf"^### {hook}$", docs, re.M), f"docs/hooks.md lacks a section for {hook}"
+    assert getattr(hookspecs, hook).__doc__.strip()
