@@ -13,6 +13,22 @@ from ingress import config as config_mod
 from ingress.errors import IngressError
 
 
+class JSONFormatter(logging.Formatter):
+    """One JSON object per log line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
 def _serve(args) -> int:
     cfg = config_mod.load(args.config)
     from ingress.server import run
@@ -73,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"ingress {__version__}")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text (default) or one JSON object per line")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--config", metavar="FILE",
@@ -92,10 +110,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr,
-        format="%(asctime)s ingress[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if args.log_format == "json" else logging.Formatter(
+        "%(asctime)s ingress[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level, handlers=[handler])
     try:
         return args.func(args)
     except IngressError as exc:

@@ -33,6 +33,7 @@ CORE_PLUGINS: dict[str, str] = {
     "params": "ingress.checks",
     "mailbox": "ingress.checks:Mailbox",
     "delivery": "ingress.delivery",
+    "metrics": "ingress.metrics",
 }
 
 ENTRY_POINT_GROUP = "ingress.plugins"

@@ -10,6 +10,7 @@ import ssl
 from pathlib import Path
 
 from ingress import config as config_mod
+from ingress import metrics
 from ingress.errors import ConfigError, IngressError
 from ingress.reply import Reply
 from ingress.smtp import SMTPProtocol
@@ -102,6 +103,15 @@ class Server:
                 addr = sock.getsockname()
                 shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
                 ready.append(f"{shown}:{addr[1]} ({'smtps' if tls else 'smtp'})")
+        if server["metrics_listen"]:
+            try:
+                http, where = await metrics.start_http(server["metrics_listen"])
+            except OSError as exc:
+                await self.close_listeners()
+                raise IngressError(f"cannot listen on {server['metrics_listen']} (metrics): "
+                                   f"{exc.strerror or exc}") from None
+            self.listeners.append(http)
+            ready.append(f"{where} (metrics)")
         return ready
 
     async def close_listeners(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import logging
 import re
 import time
@@ -273,10 +274,9 @@ class SMTPProtocol(AiosmtpdSMTP):
     async def _greet(self) -> bool:
         session = self.session
         reply, plugin = await self.hooks.decide("on_connect", session=session)
-        if reply is not None:
-            self._write(reply.wire())
-            self.abort(None) if reply.close or reply.code >= 400 else None
-            return not (reply.close or reply.code >= 400)
+        if reply is not None:  # a refused connection: the reply, then close
+            await self.send(dataclasses.replace(reply, close=True), plugin)
+            return False
         text, _ = await self.hooks.first("greeting", session=session)
         self._write(Reply(220, "", text or f"{session.hostname} ESMTP").wire())
         self._last_reply = self.loop.time()

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-READY = re.compile(r"ingress: listening on (\S+):(\d+) \((smtps?)\)")
+READY = re.compile(r"ingress: listening on (\S+):(\d+) \((smtps?|metrics)\)")
 START_TIMEOUT = 20.0
 
 
@@ -80,6 +80,11 @@ class RunningServer:
     @property
     def tls_port(self) -> int:
         return next(p for _, p, kind in self.listeners if kind == "smtps")
+
+    @property
+    def metrics_url(self) -> str:
+        host, port = next((h, p) for h, p, kind in self.listeners if kind == "metrics")
+        return f"http://{host}:{port}/metrics"
 
     def smtp(self, **kwargs: Any) -> smtplib.SMTP:
         """An ``smtplib.SMTP`` client connected to the first plain listener."""
@@ -160,6 +165,7 @@ def start_subprocess(
     log_file.close()
     server = config["server"]
     wanted = len(server.get("listen", ["x"])) + len(server.get("listen_tls", []))
+    wanted += 1 if server.get("metrics_listen") else 0
     listeners: list[tuple[str, int, str]] = []
     deadline = time.monotonic() + START_TIMEOUT
     while len(listeners) < wanted:

@@ -161,3 +161,28 @@ def test_plugins_lists_name_source_and_hooks(tmp_path):
     rows = {line.split("\t")[0]: line.split("\t") for line in result.stdout.splitlines()}
     assert rows["with_schema"][1] == "module with_schema"
     assert "on_command" in rows["with_schema"][2]
+
+
+def test_json_log_lines(tmp_path):
+    import signal
+    import smtplib
+
+    config = {"server": {"hostname": "mx.test", "listen": ["127.0.0.1:0"]},
+              "directory": {"domains": ["localhost"],
+                            "domain_settings": {"localhost": {"catch_all": True}}},
+              "delivery": {"maildir": str(tmp_path / "m"), "queue": str(tmp_path / "q")}}
+    path = write(tmp_path, json.dumps(config), "c.json")
+    proc = subprocess.Popen([sys.executable, "-m", "ingress", "--log-format", "json", "serve",
+                             "--config", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline().rsplit(":", 1)[1].split()[0])
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.sendmail("a@example.org", ["x@localhost"], "Subject: j\r\n\r\nx\r\n")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    records = [json.loads(line) for line in err.splitlines()]
+    accepted = [r for r in records if r["message"].startswith("accepted ")]
+    assert len(accepted) == 1 and accepted[0]["level"] == "info"
+    assert "from=<a@example.org>" in accepted[0]["message"]

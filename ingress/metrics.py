@@ -1,0 +1,90 @@
+"""Prometheus metrics: a core plugin (``metrics``) that counts, and a small HTTP endpoint.
+
+Private to the core; plugins that want their own metrics create them in
+:data:`REGISTRY` with ``prometheus_client``. Counting happens in hooks like any plugin:
+``on_connect`` (sessions), ``on_reply`` (rejections by the plugin that gave them),
+``after_delivery`` (messages, bytes, per local domain). The per-domain series are not kept
+when ``plugins.relay.allow`` is ``anyone`` (the seed: an open relay turns domain statistics off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ingress import hookimpl
+
+log = logging.getLogger("ingress.metrics")
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+SESSIONS = Counter("ingress_sessions", "SMTP sessions accepted", registry=REGISTRY)
+OPEN = Gauge("ingress_open_connections", "Open SMTP connections", registry=REGISTRY)
+MESSAGES = Counter("ingress_messages_accepted", "Messages stored and acknowledged with 250",
+                   registry=REGISTRY)
+BYTES = Counter("ingress_bytes_accepted", "Bytes of accepted messages", registry=REGISTRY)
+REJECTIONS = Counter("ingress_rejections", "Replies with a 4xx/5xx code, by plugin and code",
+                     ["plugin", "code"], registry=REGISTRY)
+DOMAIN_MESSAGES = Counter("ingress_domain_messages", "Accepted messages per local recipient domain",
+                          ["domain"], registry=REGISTRY)
+
+
+def domain_statistics(config) -> bool:
+    relay = config.plugin_settings("relay") or {}
+    return relay.get("allow") != "anyone"
+
+
+@hookimpl
+def on_connect(session):
+    SESSIONS.inc()
+    OPEN.inc()
+
+
+@hookimpl
+def on_disconnect(session):
+    OPEN.dec()
+
+
+@hookimpl
+def on_reply(reply, plugin):
+    if reply.code >= 400:
+        REJECTIONS.labels(plugin, str(reply.code)).inc()
+
+
+@hookimpl
+def after_delivery(session, transaction, message):
+    MESSAGES.inc()
+    BYTES.inc(message.size)
+    if domain_statistics(session.config):
+        directory = session.directory
+        for domain in {directory.split(r.address)[1] for r in transaction.recipients if r.local}:
+            DOMAIN_MESSAGES.labels(domain).inc()
+
+
+async def _serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
+        if path.split(b"?")[0] == b"/metrics":
+            body, status, ctype = generate_latest(REGISTRY), b"200 OK", CONTENT_TYPE_LATEST
+        else:
+            body, status, ctype = b"not found; try /metrics\n", b"404 Not Found", "text/plain"
+        writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype.encode() +
+                     b"\r\nContent-Length: " + str(len(body)).encode() +
+                     b"\r\nConnection: close\r\n\r\n" + body)
+        await writer.drain()
+    except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+            ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def start_http(listen: str) -> tuple[asyncio.AbstractServer, str]:
+    host, _, port = listen.rpartition(":")
+    server = await asyncio.start_server(_serve_http, host.strip("[]"), int(port))
+    addr = server.sockets[0].getsockname()
+    shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+    return server, f"{shown}:{addr[1]}"
