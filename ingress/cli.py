@@ -66,13 +66,8 @@ def _schema(args) -> int:
 
 
 def _plugins(args) -> int:
-    active: dict[str, manager.PluginInfo] = {}
-    if args.config is not None:
-        cfg = config_mod.load(args.config)
-        active = {i.name: i for i in cfg.plugins}
-    else:
-        cfg = config_mod.load(None)
-        active = {i.name: i for i in cfg.plugins}
+    cfg = config_mod.load(args.config)  # None: the embedded default
+    active = {i.name: i for i in cfg.plugins}
     rows = list(active.values())
     for name, info in sorted(manager.entry_point_infos().items()):
         if name not in active:

@@ -256,11 +256,11 @@ def full_schema() -> dict:
     """The merged schema of the core, every builtin and every importable installed plugin."""
     pm = manager.new_manager()
     infos = manager.builtin_infos()
-    infos += [i for i in manager.entry_point_infos().values() if i.error is None]
-    names = {i.name for i in manager.builtin_infos()}
+    builtin_names = {i.name for i in infos}
+    infos += [i for i in manager.entry_point_infos().values()
+              if i.error is None and i.name not in builtin_names]
     for info in infos:
-        if info.is_builtin or info.name not in names:
-            manager.register(pm, info)
+        manager.register(pm, info)
     hooks = Hooks(pm, {}, {i.name for i in infos if i.is_builtin})
     schemas: dict[str, dict | None] = {i.name: None for i in infos}
     schemas.update(hooks.collect_sync("config_schema"))

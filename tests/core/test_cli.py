@@ -186,3 +186,46 @@ def test_json_log_lines(tmp_path):
     accepted = [r for r in records if r["message"].startswith("accepted ")]
     assert len(accepted) == 1 and accepted[0]["level"] == "info"
     assert "from=<a@example.org>" in accepted[0]["message"]
+
+
+def fake_distribution(tmp_path, entry_points: str):
+    """A distribution installed only on PYTHONPATH: a dist-info with entry points."""
+    site = tmp_path / "site"
+    info = site / "fake_plugins-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugins\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[ingress.plugins]\n" + entry_points)
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_entry_point_plugins_are_listed_and_enabled_by_their_section(tmp_path):
+    env = fake_distribution(tmp_path, "greeter = with_schema\nbroken = broken_import\n")
+    rows = {line.split("\t")[0]: line for line in ingress("plugins", env=env).stdout.splitlines()}
+    assert "entry point fake-plugins (installed, not enabled)" in rows["greeter"]
+    assert "broken: ImportError: this plugin is broken on purpose" in rows["broken"]
+    schema = json.loads(ingress("schema", env=env).stdout)
+    assert "greeter" in schema["properties"]["plugins"]["properties"]
+    assert "broken" not in schema["properties"]["plugins"]["properties"]
+    # Installed but without a section: not active, and the broken one is no error.
+    path = write(tmp_path, '[server]\nhostname = "h"\n')
+    assert ingress("check-config", str(path), env=env).returncode == 0
+    path = write(tmp_path, '[plugins.greeter]\ngreeting = "hello from an entry point"\n')
+    result = ingress("plugins", "--config", str(path), env=env)
+    assert "greeter\tentry point fake-plugins\t" in result.stdout
+    path = write(tmp_path, "[plugins.broken]\n")
+    result = ingress("check-config", str(path), env=env)
+    assert result.returncode == 2
+    assert "/plugins/broken: plugin 'broken' (entry point fake-plugins) failed to import" \
+        in result.stderr
+
+
+def test_entry_point_with_a_builtin_name_is_refused_when_configured(tmp_path):
+    env = fake_distribution(tmp_path, "banner = with_schema\n")
+    path = write(tmp_path, '[plugins.banner]\ntext = "x"\n')
+    result = ingress("check-config", str(path), env=env)
+    assert result.returncode == 2
+    assert "has the name of a builtin plugin" in result.stderr
