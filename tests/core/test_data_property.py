@@ -37,7 +37,8 @@ def server(tmp_path_factory):
     running.stop()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tokens=st.lists(st.sampled_from(TOKENS), max_size=40),
        cuts=st.lists(st.integers(min_value=1, max_value=7), max_size=12))
 def test_stored_bytes_match_the_rfc(server, tokens, cuts):
