@@ -32,7 +32,9 @@ BUILTIN_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 # Async implementations of decision hooks that take longer than this fail closed (451 4.3.0).
-HOOK_TIMEOUT = 60.0
+HOOK_TIMEOUT = float(os.environ.get("INGRESS_HOOK_TIMEOUT", "60"))
+
+FAILED = object()  # what a failed implementation "returned"
 
 TRACE = os.environ.get("INGRESS_TRACE_PLUGINS", "") not in ("", "0")
 
@@ -100,27 +102,38 @@ class Hooks:
             result = await (asyncio.wait_for(result, timeout) if timeout else result)
         return result
 
+    async def _safe_call(self, hook: str, impl: Impl, kwargs: dict[str, Any],
+                         timeout: float | None) -> Any:
+        """The implementation's result, or :data:`FAILED` (logged) if it raised or timed out."""
+        try:
+            return await self._call(hook, impl, kwargs, timeout)
+        except asyncio.CancelledError:
+            raise
+        except asyncio.TimeoutError:
+            log.error("plugin %s did not answer %s within %gs", impl.plugin, hook, timeout)
+        except Exception:
+            log.exception("plugin %s failed in %s", impl.plugin, hook)
+        return FAILED
+
     async def decide(self, hook: str, **kwargs: Any) -> tuple[Reply | None, str | None]:
-        """Run a decision hook: the first ``Reply`` wins. Returns ``(reply, plugin)``."""
+        """Run a decision hook: the first ``Reply`` wins. Returns ``(reply, plugin)``.
+        A plugin that fails (raises, times out, returns something else) fails closed."""
         for impl in self.impls(hook):
-            try:
-                result = await self._call(hook, impl, kwargs, HOOK_TIMEOUT)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("plugin %s failed in %s", impl.plugin, hook)
-                return Reply.tempfail("Temporary local problem, try again later"), impl.plugin
-            if result is not None:
-                if not isinstance(result, Reply):
+            result = await self._safe_call(hook, impl, kwargs, HOOK_TIMEOUT)
+            if result is None:
+                continue
+            if not isinstance(result, Reply):
+                if result is not FAILED:
                     log.error("plugin %s returned %r from %s", impl.plugin, result, hook)
-                    return Reply.tempfail(), impl.plugin
-                return result, impl.plugin
+                return Reply.tempfail(), impl.plugin
+            return result, impl.plugin
         return None, None
 
     async def first(self, hook: str, **kwargs: Any) -> tuple[Any, str | None]:
-        """Run until an implementation returns something other than ``None``."""
+        """Run until an implementation returns something other than ``None``. A failing
+        implementation ends the walk with ``(FAILED, plugin)``."""
         for impl in self.impls(hook):
-            result = await self._call(hook, impl, kwargs, None)
+            result = await self._safe_call(hook, impl, kwargs, None)
             if result is not None:
                 return result, impl.plugin
         return None, None
@@ -130,14 +143,8 @@ class Hooks:
         A failing implementation is logged and skipped."""
         results = []
         for impl in self.impls(hook):
-            try:
-                result = await self._call(hook, impl, kwargs, HOOK_TIMEOUT)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("plugin %s failed in %s", impl.plugin, hook)
-                continue
-            if result is not None:
+            result = await self._safe_call(hook, impl, kwargs, HOOK_TIMEOUT)
+            if result is not None and result is not FAILED:
                 results.append((impl.plugin, result))
         return results
 

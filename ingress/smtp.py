@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 
 from ingress.auth import AuthCancelled, AuthSyntaxError
+from ingress.dispatch import FAILED
 from ingress.reply import Reply
 from ingress.session import Recipient, Session, Transaction
 from ingress.spool import Message
@@ -278,7 +279,9 @@ class SMTPProtocol(AiosmtpdSMTP):
             await self.send(dataclasses.replace(reply, close=True), plugin)
             return False
         text, _ = await self.hooks.first("greeting", session=session)
-        self._write(Reply(220, "", text or f"{session.hostname} ESMTP").wire())
+        if not isinstance(text, str):
+            text = f"{session.hostname} ESMTP"
+        self._write(Reply(220, "", text).wire())
         self._last_reply = self.loop.time()
         self._set_phase(IDLE)
         return True
@@ -524,7 +527,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         if isinstance(result, Reply):
             await self.send(result, plugin or "core")
             return
-        if result is None:
+        if result is None or result is FAILED:
             log.error("queue id %s: no plugin delivered the message", transaction.id)
             await self.send(Reply(451, "4.3.0", "No delivery backend, try again later"))
             return
@@ -542,7 +545,7 @@ class SMTPProtocol(AiosmtpdSMTP):
 
     async def _continue_after_disconnect(self) -> bool:
         decision, _ = await self.hooks.first("continue_after_disconnect", session=self.session)
-        return bool(decision)
+        return decision is True
 
     async def cmd_rset(self, arg: str) -> None:
         self.session.transaction = None

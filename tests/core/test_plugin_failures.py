@@ -1,0 +1,37 @@
+"""A plugin that raises, hangs or returns nonsense fails closed (451 4.3.0), logged by name."""
+
+from __future__ import annotations
+
+import pytest
+
+CONFIG = {
+    "server": {"plugin_modules": ["faulty"]},
+    "plugins": {"faulty": {}},
+    "directory": {"domains": ["example.test"],
+                  "domain_settings": {"example.test": {"catch_all": True}}},
+}
+
+
+@pytest.mark.parametrize("local", ["raise", "hang", "nonsense"])
+def test_failing_decision_hook_tempfails_and_session_goes_on(ingress_server, local):
+    server = ingress_server(CONFIG, env={"INGRESS_HOOK_TIMEOUT": "0.5"})
+    with server.smtp() as client:
+        client.ehlo()
+        client.mail("s@example.org")
+        code, text = client.rcpt(f"{local}@example.test")
+        assert (code, text[:5]) == (451, b"4.3.0")
+        assert client.rcpt("fine@example.test")[0] == 250
+        assert client.data("Subject: x\r\n\r\nx\r\n")[0] == 250
+    assert "plugin faulty" in server.log()
+
+
+def test_failing_delivery_backend_tempfails_and_stores_nothing(ingress_server):
+    server = ingress_server(CONFIG)
+    with server.smtp() as client:
+        client.ehlo()
+        client.mail("crash@example.org")
+        client.rcpt("fine@example.test")
+        code, text = client.data("Subject: x\r\n\r\nx\r\n")
+        assert (code, text[:5]) == (451, b"4.3.0")
+    assert server.all_messages() == []
+    assert "plugin faulty failed in deliver" in server.log()
