@@ -10,8 +10,14 @@ port of 127.0.0.1, with its Maildir and queue in the test's ``tmp_path``::
         with server.smtp() as client:
             assert client.ehlo()[0] == 250
 
+The server process imports what the test process can import: the directories pytest (or
+``sys.path``) added for the tests are passed on through ``PYTHONPATH``, so a plugin module that sits
+beside its tests can be named in ``server.plugin_modules``.
+
 ``ingress_inprocess_server`` runs the server on an event loop in a thread of the test process, and
-also takes plugin objects that are not installed anywhere (``plugins={"name": obj}``).
+also takes plugin objects that are not installed anywhere (``plugins={"name": obj}``); such an
+object replaces an installed plugin of the same name for that server, so a plugin's own tests can
+hand it a fake clock or resolver. Its log records go through :mod:`logging` (use ``caplog``).
 
 ``SMTPRaw`` is a byte-level client for rude and slow clients.
 """
@@ -23,12 +29,14 @@ import json
 import os
 import re
 import signal
+import site
 import smtplib
 import socket
 import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +153,25 @@ class SubprocessServer(RunningServer):
         return self.process.returncode
 
 
+def _import_path() -> list[str]:
+    """The entries of ``sys.path`` that a fresh interpreter would not have: the directories
+    pytest or a conftest put there for the tests (not the standard library nor site-packages)."""
+    system = [Path(p) for p in {sys.prefix, sys.base_prefix, sys.exec_prefix}]
+    try:
+        system += [Path(p) for p in site.getsitepackages()]
+    except AttributeError:  # pragma: no cover - old virtualenv's site module
+        pass
+    system.append(Path(site.getusersitepackages()))
+    found: list[str] = []
+    for entry in sys.path:
+        path = Path(entry or os.getcwd())
+        if not path.is_dir() or any(path == s or s in path.parents for s in system):
+            continue
+        if str(path) not in found:
+            found.append(str(path))
+    return found
+
+
 def start_subprocess(
     config: dict, workdir: Path, *, env: dict | None = None, disabled: tuple[str, ...] = (),
     args: tuple[str, ...] = (),
@@ -155,6 +182,9 @@ def start_subprocess(
     config_path.write_text(json.dumps(config, indent=1))
     log_path = workdir / "ingress.log"
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    pythonpath = [*_import_path(), *filter(None, full_env.get("PYTHONPATH", "").split(os.pathsep))]
+    if pythonpath:
+        full_env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(pythonpath))
     if disabled:
         full_env["INGRESS_DISABLE_PLUGINS"] = ",".join(disabled)
     log_file = open(log_path, "wb")  # noqa: SIM115 - the child writes to it until it exits
@@ -172,6 +202,7 @@ def start_subprocess(
         line = process.stdout.readline().decode(errors="replace")
         if not line:
             process.wait(5)
+            process.stdout.close()
             raise RuntimeError(f"ingress exited ({process.returncode}) before it was ready:\n"
                                + log_path.read_text(errors="replace"))
         found = READY.search(line)
@@ -179,6 +210,8 @@ def start_subprocess(
             listeners.append((found[1].strip("[]"), int(found[2]), found[3]))
         if time.monotonic() > deadline:
             process.kill()
+            process.wait()
+            process.stdout.close()
             raise RuntimeError("ingress did not get ready in time")
     reader = threading.Thread(target=process.stdout.read, daemon=True)
     reader.start()
@@ -201,7 +234,11 @@ class InProcessServer(RunningServer):
             server = Server(cfg)
             return server, await server.start()
 
-        self.server, ready = asyncio.run_coroutine_threadsafe(boot(), self._loop).result(30)
+        try:
+            self.server, ready = asyncio.run_coroutine_threadsafe(boot(), self._loop).result(30)
+        except BaseException:
+            self._close_loop()
+            raise
         listeners = []
         for line in ready:
             found = READY.search(f"ingress: listening on {line}")
@@ -215,9 +252,28 @@ class InProcessServer(RunningServer):
         if not self._loop.is_running():
             return
         self.call(self.server.drain(0))
+        self._close_loop()
+
+    def _close_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+@contextmanager
+def _shadowing_entry_points(names):
+    """Hide installed plugins named *names* while a config is built: the objects given to the
+    in-process server take their place."""
+    from ingress import manager
+
+    original = manager.entry_point_infos
+    manager.entry_point_infos = lambda: {
+        name: info for name, info in original().items() if name not in names
+    }
+    try:
+        yield
+    finally:
+        manager.entry_point_infos = original
 
 
 def start_inprocess(config: dict, workdir: Path, plugins: dict[str, object] | None = None):
@@ -226,7 +282,8 @@ def start_inprocess(config: dict, workdir: Path, plugins: dict[str, object] | No
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "ingress.json"
     config_path.write_text(json.dumps(config, indent=1))
-    cfg = config_mod.build(config, config_path, workdir, extra_plugins=plugins or {})
+    with _shadowing_entry_points(set(plugins or ())):
+        cfg = config_mod.build(config, config_path, workdir, extra_plugins=plugins or {})
     return InProcessServer(config, config_path, cfg, plugins)
 
 
