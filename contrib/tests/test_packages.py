@@ -1,7 +1,7 @@
 """The contrib distributions as installed: entry points, requirements, package data.
 
-tox installs them with ``--no-deps`` (``ingress`` on PyPI is another project), so their declared
-requirements are checked here against what is installed instead.
+tox installs them with ``--no-deps`` (ingress itself comes from this repository's wheel), so
+their declared requirements are checked here against what is installed instead.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def test_requirements_are_met_by_what_is_installed(dist):
             continue
         installed = metadata.version(requirement.name)
         assert requirement.specifier.contains(installed, prereleases=True), (dist, line)
-    assert metadata.version("ingress") == ingress.__version__
+    assert metadata.version("ingress-smtp") == ingress.__version__
     assert importlib.import_module("ingress.testing")  # our ingress, not PyPI's namesake
 
 
