@@ -25,6 +25,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "banner",
     "max_hop_count",
     "max_message_size",
+    "max_bad_recipients",
     "received_header",
 )
 BUILTIN_PACKAGE = "ingress_plugins"
