@@ -27,6 +27,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "max_message_size",
     "max_bad_recipients",
     "received_header",
+    "dsn",
 )
 BUILTIN_PACKAGE = "ingress_plugins"
 
