@@ -23,7 +23,11 @@ from ingress.errors import PluginError
 # The setting plugins, in the order of the contract's table (docs and `ingress plugins` use it).
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "banner",
+    "max_hop_count",
+    "max_message_size",
+    "max_bad_recipients",
     "received_header",
+    "dsn",
 )
 BUILTIN_PACKAGE = "ingress_plugins"
 

@@ -107,7 +107,9 @@ class Message:
     def headers(self) -> list[tuple[str, str]]:
         """The top-level header fields as ``(name, value)``, unfolded, in order.
 
-        Tolerant: lines without a colon are skipped, 8-bit bytes are kept (surrogateescape).
+        Tolerant: lines that are not fields (no colon, a space inside the name) are skipped,
+        whitespace between name and colon is allowed (RFC 5322 4.5.3, obsolete syntax), 8-bit
+        bytes are kept (surrogateescape).
         """
         if self._headers is None:
             fields: list[list[str]] = []
@@ -119,7 +121,8 @@ class Message:
                         fields[-1][1] += " " + line.strip()
                     continue
                 name, colon, value = line.partition(":")
-                if colon and name and name == name.rstrip() and " " not in name:
+                name = name.rstrip(" \t")
+                if colon and name and " " not in name and "\t" not in name:
                     fields.append([name, value.strip()])
             self._headers = [(n, v) for n, v in fields]
         return self._headers

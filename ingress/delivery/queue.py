@@ -10,17 +10,23 @@ from pathlib import Path
 from ingress.delivery.maildir import fsync_dir, remove_quietly, write_file
 
 
-def envelope(session, transaction, recipients) -> dict:
+def envelope(session, transaction, recipients, generated: bool = False) -> dict:
+    """The ``.json`` of a queue entry. ``mail_params`` and each recipient's ``params`` are the
+    MAIL/RCPT parameters as the client gave them (keys upper-cased; values raw, xtext still
+    encoded, as a relay passes them on), see docs/plugins/dsn.md. *generated*: written by this
+    server (a DSN): there is no client."""
+    client = not generated
     return {
         "id": transaction.id,
         "mail_from": transaction.mail_from,
         "mail_params": transaction.mail_params,
         "recipients": [{"address": r.address, "params": r.params} for r in recipients],
-        "client_ip": session.peer_ip,
-        "client_port": session.peer_port,
-        "helo": session.helo,
-        "protocol": session.protocol,
-        "auth_user": session.auth_user,
+        "client_ip": session.peer_ip if client else None,
+        "client_port": session.peer_port if client else None,
+        "helo": session.helo if client else None,
+        "protocol": session.protocol if client else "local",
+        "auth_user": session.auth_user if client else None,
+        "generated": generated,
         "received_at": datetime.fromtimestamp(transaction.started, timezone.utc).isoformat(),
         "queued_at": datetime.now(timezone.utc).isoformat(),
     }
