@@ -271,10 +271,24 @@ def _load_file(path: Path, errors: list[tuple[str, str]]) -> Mapping[str, Any] |
     return data
 
 
-@functools.cache
-def _dummy_hash() -> str:
-    """An argon2 hash of a random secret, made with the same parameters as real ones."""
-    return _HASHER.hash(secrets.token_urlsafe(32))
+# For directories without any stored hash: the dummy check only has to cost what a known
+# plaintext user's check costs, which is this same dummy check.
+_LIGHT_HASHER = argon2.PasswordHasher(time_cost=2, memory_cost=8192, parallelism=1)
+
+
+def _dummy_hash(hashes: Iterable[str]) -> str:
+    """A hash of a random secret made like the directory's own hashes (argon2 parameters or
+    bcrypt cost of the first one found), so that checking it costs what checking a real one
+    costs."""
+    secret = secrets.token_urlsafe(32)
+    for stored in hashes:
+        if stored.startswith("$argon2"):
+            params = argon2.extract_parameters(stored)
+            return argon2.PasswordHasher.from_parameters(params).hash(secret)
+        if stored.startswith("$2"):
+            rounds = int(stored.split("$")[2])
+            return bcrypt.hashpw(secret.encode(), bcrypt.gensalt(rounds)).decode()
+    return _LIGHT_HASHER.hash(secret)
 
 
 def _check_hash(password_hash: str, password: str) -> bool:
@@ -305,7 +319,6 @@ class Directory:
         self.has_plaintext_passwords: bool = any(
             u.password is not None for u in self._users.values()
         )
-        _dummy_hash()  # pay for it at startup, not during the first failed login
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], base_dir: Path | str) -> Directory:
@@ -512,8 +525,8 @@ class Directory:
         """Check ``password`` for the user ``address``.
 
         To give no timing oracle, every call costs the same: exactly one slow hash check (the
-        user's own argon2/bcrypt hash if it has one, else a dummy argon2 hash made with the
-        default parameters) plus one constant-time comparison of SHA-256 digests of the
+        user's own argon2/bcrypt hash if it has one, else a dummy hash made like the directory's
+        own hashes) plus one constant-time comparison of SHA-256 digests of the
         UTF-8 plaintexts (against an empty string when the user has no plaintext password).
         Unknown users and malformed addresses simply fail.
         """
@@ -525,8 +538,13 @@ class Directory:
         )
         if user is not None and user.password_hash is not None:
             return _check_hash(user.password_hash, password)
-        _check_hash(_dummy_hash(), password)
+        _check_hash(self._dummy, password)
         return user is not None and user.password is not None and plaintext_ok
+
+    @functools.cached_property
+    def _dummy(self) -> str:
+        # Made at the first check, not at start: an argon2 hash may cost 64 MiB for a moment.
+        return _dummy_hash(u.password_hash for u in self._users.values() if u.password_hash)
 
     def cram_md5_secret(self, address: str) -> str | None:
         """The plaintext password CRAM-MD5 needs, or None (unknown or hash-only user)."""
