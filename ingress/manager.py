@@ -23,7 +23,9 @@ from ingress.errors import PluginError
 # The setting plugins, in the order of the contract's table (docs and `ingress plugins` use it).
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "banner",
+    "relay",
     "received_header",
+    "auth",
 )
 BUILTIN_PACKAGE = "ingress_plugins"
 
