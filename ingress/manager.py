@@ -25,7 +25,11 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "banner",
     "relay",
     "received_header",
+    "auth_match",
+    "local_delivery_auth",
     "auth",
+    "vrfy",
+    "expn",
 )
 BUILTIN_PACKAGE = "ingress_plugins"
 
