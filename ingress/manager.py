@@ -23,11 +23,17 @@ from ingress.errors import PluginError
 # The setting plugins, in the order of the contract's table (docs and `ingress plugins` use it).
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "banner",
+    "relay",
     "max_hop_count",
     "max_message_size",
     "max_bad_recipients",
     "received_header",
     "dsn",
+    "auth_match",
+    "local_delivery_auth",
+    "auth",
+    "vrfy",
+    "expn",
 )
 BUILTIN_PACKAGE = "ingress_plugins"
 

@@ -608,7 +608,8 @@ class SMTPProtocol(AiosmtpdSMTP):
         if transport is None:
             self.abort(None)
             return
-        self._reader._buffer.clear()
+        # No second clear here: the client may send its first command together with its last
+        # handshake message, and that command is already in the reader, encrypted as it should be.
         self.transport = transport
         self._reader._transport = transport
         self._writer._transport = transport

@@ -36,3 +36,40 @@ def need(tool: str) -> str:
             pytest.fail(f"{tool} is not installed, and CI must run this test")
         pytest.skip(f"{tool} is not installed")
     return path
+
+
+class TLSFiles:
+    """A certificate for 127.0.0.1, ::1 and mx.test from a throwaway CA (trustme), written as PEM
+    files, and client contexts that trust that CA."""
+
+    def __init__(self, ca, directory: Path):
+        cert = ca.issue_cert("127.0.0.1", "::1", "localhost", "mx.test")
+        self.cert, self.key = directory / "cert.pem", directory / "key.pem"
+        cert.private_key_and_cert_chain_pem.write_to_path(str(self.cert))
+        cert.private_key_pem.write_to_path(str(self.key))
+        self._ca = ca
+
+    def server(self, implicit: bool = False) -> dict:
+        """The ``[server]`` keys: the certificate, and an implicit TLS listener if asked."""
+        keys = {"tls_cert": str(self.cert), "tls_key": str(self.key)}
+        return {**keys, "listen_tls": ["127.0.0.1:0"]} if implicit else keys
+
+    def context(self):
+        import ssl
+
+        context = ssl.create_default_context()
+        self._ca.configure_trust(context)
+        return context
+
+
+@pytest.fixture(scope="session")
+def tls_ca():
+    trustme = pytest.importorskip("trustme")
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls(tls_ca, tmp_path) -> TLSFiles:
+    directory = tmp_path / "tls"
+    directory.mkdir()
+    return TLSFiles(tls_ca, directory)

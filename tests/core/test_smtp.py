@@ -146,7 +146,8 @@ def test_unknown_local_mailbox_is_refused(server):
 
 
 def test_queue_envelope_has_the_whole_transaction(ingress_server):
-    server = ingress_server({"directory": {"domains": ["example.test"]}})
+    server = ingress_server({"directory": {"domains": ["example.test"]},
+                             "plugins": {"relay": {"whitelist": ["127.0.0.1"]}}})
     with server.smtp() as client:
         client.ehlo("client.example.org")
         client.sendmail("s@example.org", ["r1@remote.test", "r2@remote.test"],

@@ -17,16 +17,14 @@ WITH_RECEIVED = EARLIER + PLAIN
 
 
 def config(mode: str) -> dict:
-    return {"directory": USERS, "server": {"plugin_modules": ["fake_auth"]},
-            "plugins": {"received_header": {"append": mode}, "fake_auth": {}}}
+    return {"directory": USERS, "plugins": {"received_header": {"append": mode}}}
 
 
 def send(server, body: str, rcpts=("alice@example.test",), auth=False) -> bytes:
     with server.smtp() as client:
         client.ehlo("client.example.org")
         if auth:
-            client.user, client.password = "alice@example.test", "alicepw"
-            code, _ = client.auth("XPLAIN", client.auth_plain)
+            code, _ = client.login("alice@example.test", "alicepw")  # CRAM-MD5 (auth plugin)
             assert code == 235
         client.sendmail("a@example.org", list(rcpts), body)
     return server.mailbox("alice@example.test")[-1]

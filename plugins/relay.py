@@ -1,0 +1,83 @@
+"""relay: who may send mail to recipients outside the local domains ("Allow Relay").
+
+A recipient in a local domain is never a relay. Any other recipient is accepted when the client IP
+is in ``whitelist``, or the session is authenticated and ``authenticated`` is true, or ``allow``
+permits the sender (``anyone``; ``local_domains``: MAIL FROM in a local domain; ``local_users``:
+MAIL FROM is an existing local user). Otherwise ``550 5.7.1 Relaying denied``.
+
+Other plugins may import :func:`per_domain_statistics` (metrics leave out per-domain series when
+``allow`` is ``anyone``) and :func:`relay_reason`.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+
+import ingress_schemas
+from ingress import Reply, hookimpl
+
+log = logging.getLogger("ingress.relay")
+
+DENIED = Reply(550, "5.7.1", "Relaying denied")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@hookimpl
+def config_schema():
+    return ingress_schemas.load("relay")
+
+
+@functools.lru_cache(maxsize=64)
+def networks(whitelist: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    """The whitelist parsed once per distinct list (host bits allowed: 10.1.2.3/8 is 10/8)."""
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in whitelist)
+
+
+def whitelisted(peer_ip: str, whitelist: list[str]) -> bool:
+    try:
+        ip = ipaddress.ip_address(peer_ip.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d
+    return any(ip.version == net.version and ip in net for net in networks(tuple(whitelist)))
+
+
+def relay_reason(session, transaction, settings) -> str | None:
+    """Why this session may relay (``"whitelist"``, ``"authenticated"``, or the ``allow``
+    value that permits it), or ``None`` when it may not."""
+    if whitelisted(session.peer_ip, settings["whitelist"]):
+        return "whitelist"
+    if session.auth_user is not None and settings["authenticated"]:
+        return "authenticated"
+    allow = settings["allow"]
+    sender = transaction.mail_from
+    directory = session.directory
+    if allow == "anyone":
+        return allow
+    if allow == "local_domains" and sender and directory.is_local_address(sender):
+        return allow
+    if allow == "local_users" and sender and directory.user(sender) is not None:
+        return allow
+    return None
+
+
+def per_domain_statistics(config) -> bool:
+    """Whether per-domain statistics are kept: not with an open relay (``allow = "anyone"``)."""
+    settings = config.plugin_settings("relay") or {}
+    return settings.get("allow", "nobody") != "anyone"
+
+
+@hookimpl
+def on_rcpt(session, transaction, recipient, settings):
+    if recipient.local:
+        return None
+    reason = relay_reason(session, transaction, settings)
+    if reason is None:
+        log.info("session %s %s: relaying denied: from=<%s> to=<%s>", session.id,
+                 session.peer_ip, transaction.mail_from, recipient.address)
+        return DENIED
+    return None
