@@ -61,3 +61,13 @@ def test_metrics_come_from_the_metrics_plugin(ingress_server):
     with server.smtp() as client:
         client.sendmail("s@example.org", ["alice@example.test"], "Subject: m\r\n\r\nx\r\n")
     assert scrape(server)[("ingress_messages_accepted_total", ())] == 0
+
+
+def test_open_relay_turns_domain_statistics_off(ingress_server):
+    server = ingress_server({**CONFIG, "plugins": {"relay": {"allow": "anyone"}}})
+    with server.smtp() as client:
+        client.sendmail("s@example.org", ["alice@example.test", "x@remote.test"],
+                        "Subject: m\r\n\r\nx\r\n")
+    metrics = scrape(server)
+    assert metrics[("ingress_messages_accepted_total", ())] == 1
+    assert not [name for name, _ in metrics if name.startswith("ingress_domain_messages")]

@@ -54,7 +54,7 @@ def refused(host, port) -> bool:
 
 
 def test_subprocess_server_delivers_to_its_own_maildir(ingress_server, tmp_path):
-    server = ingress_server(LOCAL)
+    server = ingress_server({**LOCAL, "plugins": {"relay": {"whitelist": ["127.0.0.1"]}}})
     assert server.host == "127.0.0.1" and server.port > 0
     assert server.maildir.is_relative_to(tmp_path) and server.queue.is_relative_to(tmp_path)
     assert psutil.Process(server.pid).is_running()

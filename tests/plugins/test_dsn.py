@@ -119,7 +119,7 @@ def test_malformed_parameters_get_501(ingress_server):
 
 
 def test_parameters_are_kept_in_the_queue_envelope(ingress_server):
-    server = ingress_server(LOCAL)
+    server = ingress_server({**LOCAL, "plugins": {"relay": {"whitelist": ["127.0.0.1"]}}})
     replies = transaction(server, "<alice@example.test> RET=hdrs ENVID=id+2B1",
                           ["<carol@elsewhere.test> NOTIFY=success,failure "
                            "ORCPT=rfc822;carol+2B1@elsewhere.test",
