@@ -162,14 +162,15 @@ class Server:
 async def run(cfg: config_mod.Config, ready=print) -> int:
     """Run until SIGTERM/SIGINT, then drain; SIGHUP reloads."""
     server = Server(cfg)
-    for line in await server.start():
-        ready(f"ingress: listening on {line}")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # Handlers first: a signal sent as soon as the ready line is read must not kill us.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
     try:
+        for line in await server.start():
+            ready(f"ingress: listening on {line}")
         await stop.wait()
         log.info("shutting down")
         await server.drain(server.config.server["drain_seconds"])
