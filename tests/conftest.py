@@ -36,3 +36,24 @@ def need(tool: str) -> str:
             pytest.fail(f"{tool} is not installed, and CI must run this test")
         pytest.skip(f"{tool} is not installed")
     return path
+
+
+@pytest.fixture
+def tls_certs(tmp_path):
+    """A throwaway CA and a certificate for ``mx.test`` (trustme), written as PEM files.
+    ``.server`` is the ``[server]`` config that enables STARTTLS, ``.client`` an SSL context
+    that trusts the CA."""
+    import ssl
+    from types import SimpleNamespace
+
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("mx.test")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    issued.private_key_pem.write_to_path(str(key))
+    for i, pem in enumerate(issued.cert_chain_pems):
+        pem.write_to_path(str(cert), append=i > 0)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return SimpleNamespace(server={"tls_cert": str(cert), "tls_key": str(key)}, client=client)
