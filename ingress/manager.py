@@ -23,6 +23,7 @@ from ingress.errors import PluginError
 # The setting plugins, in the order of the contract's table (docs and `ingress plugins` use it).
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "banner",
+    "session_timeout",
     "received_header",
 )
 BUILTIN_PACKAGE = "ingress_plugins"
