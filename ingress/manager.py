@@ -24,6 +24,7 @@ from ingress.errors import PluginError
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "banner",
     "session_timeout",
+    "command_timeout",
     "received_header",
 )
 BUILTIN_PACKAGE = "ingress_plugins"
