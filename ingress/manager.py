@@ -25,6 +25,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "banner",
     "session_timeout",
     "command_timeout",
+    "max_messages",
     "received_header",
 )
 BUILTIN_PACKAGE = "ingress_plugins"
