@@ -26,6 +26,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "session_timeout",
     "command_timeout",
     "max_messages",
+    "disconnect_delivery",
     "received_header",
 )
 BUILTIN_PACKAGE = "ingress_plugins"
