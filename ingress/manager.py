@@ -27,6 +27,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "command_timeout",
     "max_messages",
     "disconnect_delivery",
+    "max_bad_commands",
     "received_header",
 )
 BUILTIN_PACKAGE = "ingress_plugins"
