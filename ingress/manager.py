@@ -25,6 +25,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "banner",
     "session_timeout",
     "command_timeout",
+    "max_connections",
     "max_messages",
     "disconnect_delivery",
     "max_bad_commands",
