@@ -333,12 +333,16 @@ class SMTPProtocol(AiosmtpdSMTP):
     async def _greet(self) -> bool:
         session = self.session
         reply, plugin = await self.hooks.decide("on_connect", session=session)
-        if reply is not None:
+        if reply is None:
+            text, _ = await self.hooks.first("greeting", session=session)
+            reply = Reply(220, "", text or f"{session.hostname} ESMTP")
+        elif reply.close or reply.code >= 400:
+            log.info("session %s %s refused by %s: %s", session.id, session.peer_ip, plugin,
+                     reply)
             self._write(reply.wire())
-            self.abort(None) if reply.close or reply.code >= 400 else None
-            return not (reply.close or reply.code >= 400)
-        text, _ = await self.hooks.first("greeting", session=session)
-        self._write(Reply(220, "", text or f"{session.hostname} ESMTP").wire())
+            self.abort(None)
+            return False
+        self._write(reply.wire())
         self._last_reply = self.loop.time()
         self._set_phase(IDLE)
         return True

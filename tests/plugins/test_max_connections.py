@@ -67,6 +67,7 @@ def test_limit_plus_one_is_refused_and_closed(ingress_server, disabled):
         assert [c for c, _ in codes[:3]] == [220] * 3
         assert codes[3] == REFUSED
         assert held[3][0].closed_by_server()
+        assert "refused by max_connections: 421 4.3.2" in server.log()
         for raw, _ in held[:3]:  # the served ones are untouched
             assert raw.cmd("NOOP")[0] == 250
     finally:
