@@ -72,7 +72,8 @@ def greeting(session, settings):
 @hookspec
 def on_connect(session, settings):
     """A client connected. Decision hook: a ``Reply`` replaces the greeting (e.g. ``421`` with
-    ``close=True``).
+    ``close=True``) and, like any decision, ends the hook: the implementations after it do not
+    run (so a plugin that only wants another greeting text implements ``greeting``).
 
     Plugins that need timers set them here with ``session.set_timeout(kind, seconds)`` (the core
     runs the clock; see :meth:`ingress.session.Session.set_timeout`). ``session.connections`` is

@@ -58,7 +58,7 @@ class Server:
     def __init__(self, cfg: config_mod.Config):
         self.config = cfg
         self.tls_context = tls_context(cfg)
-        self.connections = 0  # open connections, exact: +1 connection_made, -1 connection_lost
+        self.connections = 0  # +1 connection_made; -1 once, when lost or cut, whichever is first
         self.protocols: set[SMTPProtocol] = set()
         self.listeners: list[asyncio.AbstractServer] = []
         self.messages_accepted = 0
