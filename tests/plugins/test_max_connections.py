@@ -29,8 +29,15 @@ def hold(server, n: int) -> list:
 
 
 def close_all(held) -> None:
-    for raw, _ in held:
-        raw.close()
+    """Served ones QUIT first: once the 221 is read, the server has released the slot (it does
+    so in the same step as the 221, before it can accept anything new). Otherwise a closing
+    connection could still be counted when the next round connects."""
+    for raw, (code, _) in held:
+        try:
+            if code == 220:
+                assert raw.cmd("QUIT")[0] == 221
+        finally:
+            raw.close()
 
 
 def served_exactly(server, limit: int, deadline: float = 10.0) -> None:
@@ -99,20 +106,23 @@ def test_zero_is_unlimited(ingress_server):
 
 async def greeting_of_concurrent(host: str, port: int, n: int) -> list[tuple[int, str]]:
     """Connect *n* clients at the same moment; read each greeting; keep all open until all
-    greetings are in."""
+    greetings are in, then QUIT the served ones (see close_all) and close."""
     async def one():
         reader, writer = await asyncio.open_connection(host, port)
         line = (await reader.readline()).decode()
-        return writer, (int(line[:3]), line[4:].strip())
+        return reader, writer, (int(line[:3]), line[4:].strip())
 
     results = await asyncio.gather(*(one() for _ in range(n)))
-    for writer, _ in results:
+    for reader, writer, (code, _) in results:
+        if code == 220:
+            writer.write(b"QUIT\r\n")
+            assert (await reader.readline()).startswith(b"221 ")
         writer.close()
         try:
             await writer.wait_closed()
         except ConnectionError:
             pass
-    return [greeting for _, greeting in results]
+    return [greeting for _, _, greeting in results]
 
 
 def test_concurrent_connects_are_counted_exactly(ingress_server):
