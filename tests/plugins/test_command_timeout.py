@@ -208,3 +208,21 @@ def test_a_client_that_never_reads_its_replies_is_cut(ingress_server, disabled):
         assert cut != bool(disabled)
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("disabled", [(), ("command_timeout",)])
+def test_a_tls_handshake_stalled_after_starttls_is_cut(ingress_server, tls_certs, disabled):
+    """After '220 Ready to start TLS' the client owes the handshake: on the command timer. The
+    cut is a plain close (a plaintext 421 cannot go into a TLS handshake)."""
+    cfg = config()
+    cfg["server"].update(tls_certs.server)
+    server = ingress_server(cfg, disabled=disabled)
+    with server.raw() as raw:
+        raw.reply()
+        assert raw.cmd("EHLO c")[0] == 250
+        assert raw.cmd("STARTTLS")[0] == 220
+        if disabled:  # only the 60-second TLS handshake timeout would end it
+            assert still_open(raw)
+        else:
+            assert raw.closed_by_server(WAIT)
+            assert raw._buffer == b""
