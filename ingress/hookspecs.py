@@ -72,9 +72,12 @@ def greeting(session, settings):
 @hookspec
 def on_connect(session, settings):
     """A client connected. Decision hook: a ``Reply`` replaces the greeting (e.g. ``421`` with
-    ``close=True``).
+    ``close=True``) and, like any decision, ends the hook: the implementations after it do not
+    run (so a plugin that only wants another greeting text implements ``greeting``).
 
-    Plugins that need timers set them here with ``session.set_timeout(kind, seconds)``.
+    Plugins that need timers set them here with ``session.set_timeout(kind, seconds)`` (the core
+    runs the clock; see :meth:`ingress.session.Session.set_timeout`). ``session.connections`` is
+    the number of open connections, this one included.
     """
 
 
@@ -144,7 +147,10 @@ def on_expn(session, address, settings):
 def continue_after_disconnect(session, settings):
     """The client's end-of-stream was seen while messages are still to be processed. Return
     ``True`` to process what it already sent and deliver it, ``False`` to discard. First
-    non-``None`` result wins; without one the message is discarded."""
+    non-``None`` result wins; without one the message is discarded.
+
+    Asked once per complete message (final dot received) before it is stored; what the client
+    sent before it closed (or reset) the connection is processed in order either way."""
 
 
 # --- transaction -----------------------------------------------------------------------------

@@ -24,6 +24,12 @@ from ingress.errors import PluginError
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "banner",
     "relay",
+    "session_timeout",
+    "command_timeout",
+    "max_connections",
+    "max_messages",
+    "disconnect_delivery",
+    "max_bad_commands",
     "max_hop_count",
     "max_message_size",
     "max_bad_recipients",

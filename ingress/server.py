@@ -37,11 +37,29 @@ def tls_context(cfg: config_mod.Config) -> ssl.SSLContext | None:
     return context
 
 
+def raise_open_file_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: every connection is a file descriptor,
+    and the common soft default (1024) is below the default max_connections."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if resource.RLIM_INFINITY in (soft, hard) or soft >= hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open file limit from %d to %d: %s", soft, hard, exc)
+        return
+    log.info("open file limit raised from %d to %d", soft, hard)
+
+
 class Server:
     def __init__(self, cfg: config_mod.Config):
         self.config = cfg
         self.tls_context = tls_context(cfg)
-        self.connections = 0  # open connections, exact: +1 connection_made, -1 connection_lost
+        self.connections = 0  # +1 connection_made; -1 once, when lost or cut, whichever is first
         self.protocols: set[SMTPProtocol] = set()
         self.listeners: list[asyncio.AbstractServer] = []
         self.messages_accepted = 0
@@ -161,6 +179,7 @@ class Server:
 
 async def run(cfg: config_mod.Config, ready=print) -> int:
     """Run until SIGTERM/SIGINT, then drain; SIGHUP reloads."""
+    raise_open_file_limit()
     server = Server(cfg)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -110,8 +110,15 @@ class Session:
         return "ESMTP" + ("S" if self.tls else "") + ("A" if self.auth_user else "")
 
     def set_timeout(self, kind: str, seconds: float | None) -> None:
-        """Set a timer the core runs: ``"idle"`` (between commands) or ``"command"`` (a started
-        command that stops sending). ``None`` removes it. Plugins call this from ``on_connect``."""
+        """Set a timer the core runs; ``None`` removes it. Plugins call this from ``on_connect``.
+
+        ``"idle"``: nothing received since the last reply and no 354/334 outstanding.
+        ``"command"``: the client owes bytes: a partial command line, the DATA body after 354,
+        the answer after 334, or it has not read replies that pile up. Both count from the last
+        byte received or reply sent, whichever is later, so data that keeps flowing is never
+        cut; neither runs while the server itself is busy. When one fires the client gets
+        ``421 4.4.2 <hostname> Session timeout`` / ``Command timeout`` and is disconnected (reset
+        at once if it cannot take the reply: unread replies, or a stalled TLS handshake)."""
         if kind not in ("idle", "command"):
             raise ValueError(f"unknown timeout kind {kind!r}")
         if seconds is None:

@@ -15,7 +15,9 @@ import base64
 import binascii
 import dataclasses
 import logging
+import os
 import re
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -36,6 +38,8 @@ READ_LIMIT = 1 << 18  # stream buffer; DATA is read in chunks of up to this size
 COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
 AUTH_LINE_LIMIT = 12288  # RFC 4954 4
 MAX_RECIPIENTS = 1000
+CLOSE_GRACE = 30.0  # seconds a closing connection may take to flush its last replies
+SALVAGE_CHUNKS = 64  # bound on what is read after a reset: 64 * READ_LIMIT (kernel holds less)
 
 IDLE, BUSY, INPUT = "idle", "busy", "input"  # what the timers look at
 
@@ -114,7 +118,8 @@ class SMTPProtocol(AiosmtpdSMTP):
         self._last_rx = self._last_reply = 0.0
         self._eof = False  # the client's end of stream was seen
         self._aborted = False  # we cut the session: process nothing more
-        self._counted = False
+        self._counted = False  # this connection is in server.connections
+        self._plain = not tls_listener  # no TLS layer (yet) between the socket and us
         self._handler_task: asyncio.Task | None = None
         self._on_command = self.hooks.has("on_command")
         self._on_reply = self.hooks.has("on_reply")
@@ -156,8 +161,40 @@ class SMTPProtocol(AiosmtpdSMTP):
     def connection_lost(self, exc) -> None:
         self._eof = True
         self._cancel_timer()
+        if exc is not None and not self._aborted:
+            self._salvage()
         # Feed EOF rather than the error: what the client sent before it went is still processed.
         asyncio.StreamReaderProtocol.connection_lost(self, None)
+        self._release()
+
+    def _salvage(self) -> None:
+        """Take in what the kernel still holds from a client that reset the connection.
+
+        A client may send a whole session in one write and reset the connection at once. When
+        one of our replies then fails to go out, asyncio stops reading, though Linux still hands
+        out the data that arrived before the reset; read it, so that it is processed like data
+        before a FIN. Only on asyncio's own loop (whose socket is closed after this callback,
+        never before) and on plaintext (TLS records cannot be read past the TLS layer).
+        """
+        if not self._plain or not isinstance(self.loop, asyncio.SelectorEventLoop):
+            return
+        try:
+            fd = os.dup(self.transport.get_extra_info("socket").fileno())
+        except (AttributeError, OSError, ValueError):
+            return
+        with socket.socket(fileno=fd) as sock:
+            sock.setblocking(False)
+            for _ in range(SALVAGE_CHUNKS):
+                try:
+                    chunk = sock.recv(READ_LIMIT)
+                except OSError:  # nothing more (EAGAIN), or the reset itself
+                    break
+                if not chunk:
+                    break
+                self._reader.feed_data(chunk)
+
+    def _release(self) -> None:
+        """Stop counting this connection, once: when it is lost or when we cut it."""
         if self._counted:
             self._counted = False
             self.server.connection_closed(self)
@@ -174,13 +211,19 @@ class SMTPProtocol(AiosmtpdSMTP):
             self._timer = None
 
     def _due(self) -> tuple[str, float] | None:
-        timeouts = self.session.timeouts
+        """Which timer runs now and when it is due: the command timer while a command is
+        under way on the client's side (a partial line, after 354 or 334, or while our replies
+        wait for the client to read them), the idle timer between commands."""
         if self._phase == INPUT or (self._phase == IDLE and len(self._reader._buffer)):
-            if "command" in timeouts:
-                return "command", self._last_rx + timeouts["command"]
-        elif self._phase == IDLE and "idle" in timeouts:
-            return "idle", max(self._last_reply, self._last_rx) + timeouts["idle"]
-        return None
+            kind = "command"
+        elif self._phase == IDLE:
+            kind = "idle"
+        else:
+            return None
+        seconds = self.session.timeouts.get(kind)
+        if seconds is None:
+            return None
+        return kind, max(self._last_reply, self._last_rx) + seconds
 
     def _arm(self) -> None:
         self._cancel_timer()
@@ -199,16 +242,29 @@ class SMTPProtocol(AiosmtpdSMTP):
             return
         text = "Session timeout" if kind == "idle" else "Command timeout"
         log.info("session %s %s: %s", self.session.id, self.session.peer_ip, text.lower())
+        if self.transport.get_write_buffer_size() or not (self._plain or self.session.tls):
+            # It has not even taken our earlier replies, or it is stuck in the TLS handshake
+            # after STARTTLS: a 421 could not reach it.
+            self.abort(None, hard=True)
+            return
         self.abort(Reply(421, "4.4.2", f"{self.session.hostname} {text}", close=True))
 
-    def abort(self, reply: Reply | None) -> None:
-        """Cut the session now: send *reply* if any, close, process nothing more."""
+    def abort(self, reply: Reply | None, hard: bool = False) -> None:
+        """Cut the session now: send *reply* if any, close, process nothing more. The close
+        waits for the last replies to go out, for at most CLOSE_GRACE seconds; *hard* closes at
+        once with a reset."""
         self._aborted = True
         self._cancel_timer()
+        self._release()
         if reply is not None:
             self._write(reply.wire())
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport is not None and hard:
+            transport.abort()
+        elif transport is not None and not transport.is_closing():
+            transport.close()
+            if transport.get_write_buffer_size():  # a client that reads nothing
+                self.loop.call_later(CLOSE_GRACE, transport.abort)
         self._reader.feed_eof()
 
     # --- writing ------------------------------------------------------------------------------
@@ -220,22 +276,25 @@ class SMTPProtocol(AiosmtpdSMTP):
     async def send(self, reply: Reply, plugin: str = "core") -> None:
         self._write(reply.wire())
         self._last_reply = self.loop.time()
-        if reply.close:
-            self.abort(None)
-            return
-        if self._on_reply:
+        if self._on_reply:  # also for a closing reply: metrics count it
             follow, _ = await self.hooks.decide("on_reply", session=self.session, reply=reply,
                                                 plugin=plugin)
-            if follow is not None:
+            if follow is not None and not reply.close:
                 self._write(follow.wire())
                 if follow.close:
                     self.abort(None)
                     return
+        if reply.close:
+            self.abort(None)
+            return
         if self.transport is not None and self.transport.get_write_buffer_size() > READ_LIMIT:
+            # The client is not reading our replies: wait for it, on the command timer.
+            self._set_phase(INPUT)
             try:
                 await self._writer.drain()
             except ConnectionError:
                 pass
+            self._set_phase(BUSY)
 
     # --- the session --------------------------------------------------------------------------
 
@@ -256,6 +315,7 @@ class SMTPProtocol(AiosmtpdSMTP):
             self.abort(Reply(421, "4.3.0", f"{session.hostname} Internal error, closing"))
         finally:
             self._cancel_timer()
+            self._release()
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.close()
             await self._end()
@@ -275,13 +335,17 @@ class SMTPProtocol(AiosmtpdSMTP):
     async def _greet(self) -> bool:
         session = self.session
         reply, plugin = await self.hooks.decide("on_connect", session=session)
-        if reply is not None:  # a refused connection: the reply, then close
+        if reply is None:
+            text, _ = await self.hooks.first("greeting", session=session)
+            if not isinstance(text, str):  # none, or a failed plugin
+                text = f"{session.hostname} ESMTP"
+            reply = Reply(220, "", text)
+        elif reply.close or reply.code >= 400:
+            log.info("session %s %s refused by %s: %s", session.id, session.peer_ip, plugin,
+                     reply)
             await self.send(dataclasses.replace(reply, close=True), plugin)
             return False
-        text, _ = await self.hooks.first("greeting", session=session)
-        if not isinstance(text, str):
-            text = f"{session.hostname} ESMTP"
-        self._write(Reply(220, "", text).wire())
+        self._write(reply.wire())
         self._last_reply = self.loop.time()
         self._set_phase(IDLE)
         return True
@@ -314,10 +378,11 @@ class SMTPProtocol(AiosmtpdSMTP):
         return line.rstrip(b"\r\n")
 
     async def _read_command_input(self) -> bytes | None:
-        """A line answering a ``334`` challenge: on the command timer, AUTH line limit."""
-        phase = self._phase
+        """A line answering a ``334`` challenge: on the command timer, AUTH line limit; then
+        the server's turn again (checking a password runs on no timer)."""
+        self._set_phase(INPUT)
         line = await self._read_command(AUTH_LINE_LIMIT)
-        self._set_phase(phase)
+        self._set_phase(BUSY)
         return line
 
     async def _dispatch(self, line: bytes) -> None:
@@ -519,7 +584,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         if message.oversized:  # the size plugin set a limit and did not answer: still refuse
             await self.send(Reply(552, "5.3.4", "Message size exceeds fixed limit"))
             return
-        if self._eof and not await self._continue_after_disconnect():
+        if await self._client_gone() and not await self._continue_after_disconnect():
             log.info("queue id %s: client gone before storing: discarded", transaction.id)
             return
         result, plugin = await self.hooks.first("deliver", session=session,
@@ -542,6 +607,16 @@ class SMTPProtocol(AiosmtpdSMTP):
         await self.send(Reply(250, "2.0.0", f"OK: queued as {transaction.id}"))
         await self.hooks.collect("after_delivery", session=session, transaction=transaction,
                                  message=message, delivered=result)
+
+    async def _client_gone(self) -> bool:
+        """Whether the client's end of stream has been seen. A FIN or RST that arrived with
+        or just after the final dot is read by the transport a loop turn later than the data,
+        so give the loop two turns before answering."""
+        for _ in range(2):
+            if self._eof:
+                break
+            await asyncio.sleep(0)
+        return self._eof
 
     async def _continue_after_disconnect(self) -> bool:
         decision, _ = await self.hooks.first("continue_after_disconnect", session=self.session)
@@ -598,6 +673,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         # cf. CVE-2021-38371, CVE-2024-34083): the reader is emptied before the handshake.
         self._reader._buffer.clear()
         self._set_phase(INPUT)
+        self._plain = False
         try:
             transport = await self.loop.start_tls(self.transport, self, context,
                                                   server_side=True, ssl_handshake_timeout=60)
@@ -688,7 +764,6 @@ class _Exchange:
         p = self._protocol
         p._write(b"334 " + base64.b64encode(data) + b"\r\n")
         p._last_reply = p.loop.time()
-        p._set_phase(INPUT)
         line = await p._read_command_input()
         if line is None:
             raise _Gone()

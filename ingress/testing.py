@@ -32,6 +32,7 @@ import signal
 import site
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -354,6 +355,13 @@ class SMTPRaw:
     def cmd(self, line: bytes | str) -> tuple[int, str]:
         self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
         return self.reply()
+
+    def starttls(self, context: ssl.SSLContext, server_hostname: str | None = None):
+        """Send STARTTLS; on ``220`` wrap the socket in TLS. Returns the reply."""
+        reply = self.cmd("STARTTLS")
+        if reply[0] == 220:
+            self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
+        return reply
 
     def closed_by_server(self, timeout: float = 10) -> bool:
         """True once the server has closed the connection (EOF), within *timeout*."""

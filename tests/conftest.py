@@ -73,3 +73,12 @@ def tls(tls_ca, tmp_path) -> TLSFiles:
     directory = tmp_path / "tls"
     directory.mkdir()
     return TLSFiles(tls_ca, directory)
+
+
+@pytest.fixture
+def tls_certs(tls):
+    """The same certificate as ``tls``, shaped as ``.server`` (the ``[server]`` keys that
+    enable STARTTLS) and ``.client`` (an SSL context that trusts the CA)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(server=tls.server(), client=tls.context())

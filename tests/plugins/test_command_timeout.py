@@ -1,0 +1,228 @@
+"""command_timeout: a client that stalls inside a command gets 421 4.4.2 and is cut; one that
+keeps sending is never cut. Real sockets, deliberately slow clients, fractional seconds."""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+import termios
+import time
+
+import pytest
+
+from ingress.testing import SMTPRaw
+
+TIMEOUT = 1.0  # the configured command timeout, seconds
+WAIT = TIMEOUT + 9  # how long a test waits for the server to act: generous, never a tight window
+USERS = {"domains": ["example.test"],
+         "users": [{"address": "alice@example.test", "password": "alicepw"}]}
+CUT = (421, "4.4.2 mx.test Command timeout")
+
+
+def config(**extra) -> dict:
+    return {"directory": USERS, "server": {"plugin_modules": ["fake_auth"]},
+            "plugins": {"command_timeout": {"seconds": TIMEOUT}, "fake_auth": {},
+                        "session_timeout": {"enabled": False}, **extra}}
+
+
+def start_data(raw: SMTPRaw) -> None:
+    assert raw.reply()[0] == 220
+    for line in ("EHLO c", "MAIL FROM:<a@example.org>", "RCPT TO:<alice@example.test>"):
+        assert raw.cmd(line)[0] == 250
+    assert raw.cmd("DATA")[0] == 354
+
+
+def cut_after_stall(raw: SMTPRaw) -> float:
+    """Wait for the command timeout's 421 and the close; return how long it took."""
+    started = time.monotonic()
+    raw.sock.settimeout(WAIT)
+    assert raw.reply() == CUT
+    elapsed = time.monotonic() - started
+    assert raw.closed_by_server(WAIT)
+    return elapsed
+
+
+def still_open(raw: SMTPRaw) -> bool:
+    """No 421 arrives within three timeouts: the server did not cut the client."""
+    return not raw.closed_by_server(3 * TIMEOUT) and raw._buffer == b""
+
+
+@pytest.mark.parametrize("disabled", [(), ("command_timeout",)])
+def test_partial_command_line(ingress_server, disabled):
+    server = ingress_server(config(), disabled=disabled)
+    with server.raw() as raw:
+        raw.reply()
+        assert raw.cmd("EHLO c")[0] == 250
+        raw.send(b"MAIL FROM:<a@exam")
+        if disabled:
+            assert still_open(raw)
+            raw.send(b"ple.org>\r\n")
+            assert raw.reply()[0] == 250
+        else:
+            assert cut_after_stall(raw) >= TIMEOUT * 0.9
+
+
+@pytest.mark.parametrize("disabled", [(), ("command_timeout",)])
+def test_data_stalled_before_its_first_byte(ingress_server, disabled):
+    server = ingress_server(config(), disabled=disabled)
+    with server.raw() as raw:
+        start_data(raw)
+        if disabled:
+            assert still_open(raw)
+            raw.send(b"Subject: late\r\n\r\nstill fine\r\n.\r\n")
+            assert raw.reply()[0] == 250
+        else:
+            assert cut_after_stall(raw) >= TIMEOUT * 0.9
+    assert len(server.mailbox("alice@example.test")) == (1 if disabled else 0)
+
+
+@pytest.mark.parametrize("disabled", [(), ("command_timeout",)])
+def test_data_stalled_midway_is_never_delivered(ingress_server, disabled):
+    server = ingress_server(config(), disabled=disabled)
+    with server.raw() as raw:
+        start_data(raw)
+        raw.send(b"Subject: stalled\r\n\r\n" + b"line of the body\r\n" * 1000)
+        if disabled:
+            assert still_open(raw)
+        else:
+            cut_after_stall(raw)
+    server.stop()  # every session ends: nothing can still be on its way to the mailbox
+    assert server.all_messages() == [] and server.queue_entries() == []
+
+
+def test_data_stalled_after_the_final_dot_line_started(ingress_server):
+    """A body ended by CRLF '.' without the last CRLF is not complete: cut, not delivered."""
+    server = ingress_server(config())
+    with server.raw() as raw:
+        start_data(raw)
+        raw.send(b"Subject: almost\r\n\r\nbody\r\n.")
+        cut_after_stall(raw)
+    server.stop()
+    assert server.all_messages() == []
+
+
+def test_data_that_keeps_flowing_is_never_cut(ingress_server):
+    """Slower than the timeout in total (about 4x), but never pausing as long as it."""
+    server = ingress_server(config())
+    with server.raw() as raw:
+        start_data(raw)
+        raw.send(b"Subject: trickle\r\n\r\n")
+        started = time.monotonic()
+        lines = 0
+        while time.monotonic() - started < 4 * TIMEOUT:
+            time.sleep(TIMEOUT / 5)
+            raw.send(b"a slow line %d\r\n" % lines)
+            lines += 1
+        raw.send(b".\r\n")
+        code, text = raw.reply()
+        assert code == 250, text
+        assert raw.cmd("QUIT")[0] == 221
+    [stored] = server.mailbox("alice@example.test")
+    assert stored.count(b"a slow line") == lines
+
+
+def test_a_slow_command_line_that_keeps_coming_is_not_cut(ingress_server):
+    server = ingress_server(config())
+    with server.raw() as raw:
+        raw.reply()
+        started = time.monotonic()
+        for byte in b"NOOP just taking my time" * 2:
+            raw.send(bytes([byte]))
+            time.sleep(TIMEOUT / 5)
+            if time.monotonic() - started > 3 * TIMEOUT:
+                break
+        assert raw.cmd("")[0] == 250
+
+
+@pytest.mark.parametrize("disabled", [(), ("command_timeout",)])
+def test_auth_exchange_stalled_after_334(ingress_server, disabled):
+    server = ingress_server(config(), disabled=disabled)
+    with server.raw() as raw:
+        raw.reply()
+        assert raw.cmd("EHLO c")[0] == 250
+        assert raw.cmd("AUTH XPLAIN")[0] == 334
+        if disabled:
+            assert still_open(raw)
+        else:
+            assert cut_after_stall(raw) >= TIMEOUT * 0.9
+
+
+def test_never_fires_between_commands(ingress_server):
+    server = ingress_server(config())
+    with server.raw() as raw:
+        raw.reply()
+        assert raw.cmd("EHLO c")[0] == 250
+        assert still_open(raw)  # idle, not inside a command
+        assert raw.cmd("NOOP")[0] == 250
+
+
+def test_the_session_timer_takes_over_after_the_command(ingress_server):
+    """After a slow command completes, the idle timer (not the command timer) applies."""
+    server = ingress_server(config(session_timeout={"minutes": 3 * TIMEOUT / 60}))
+    with server.raw() as raw:
+        raw.reply()
+        raw.send(b"NO")
+        time.sleep(TIMEOUT / 2)
+        assert raw.cmd("OP")[0] == 250
+        started = time.monotonic()
+        raw.sock.settimeout(WAIT + 3 * TIMEOUT)
+        assert raw.reply() == (421, "4.4.2 mx.test Session timeout")
+        assert time.monotonic() - started >= 3 * TIMEOUT * 0.9
+
+
+@pytest.mark.parametrize("disabled", [(), ("command_timeout",)])
+def test_a_client_that_never_reads_its_replies_is_cut(ingress_server, disabled):
+    """Pipelining commands without reading a single reply fills the socket buffers until the
+    server waits on the client: that wait runs on the command timer too, and the connection
+    is reset (a 421 could not reach it), so it cannot hold its slot forever."""
+    server = ingress_server(config(), disabled=disabled)
+    sock = socket.create_connection((server.host, server.port))
+    try:
+        # 150,000 HELPs ask for about 16 MB of replies: more than both sockets buffer, so the
+        # server must wait for us to read before it has answered them all.
+        sock.sendall(b"HELP\r\n" * 150_000)
+        unread, since = -1, time.monotonic()
+        for _ in range(300):  # until what waits for us stops growing for a second (<= 30 s)
+            now_unread = struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
+            if now_unread != unread:
+                unread, since = now_unread, time.monotonic()
+            elif time.monotonic() - since > 1:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the server never stopped sending")
+        time.sleep(TIMEOUT + 2)  # past the command timeout, still not reading anything
+        sock.setblocking(True)
+        sock.settimeout(3 * TIMEOUT)
+        replies = 0
+        try:
+            while chunk := sock.recv(1 << 20):  # what the server sent before the cut
+                replies += chunk.count(b"\n")
+            cut = True
+        except ConnectionResetError:
+            cut = True
+        except TimeoutError:  # reading was a sign of life: the server went on and waits
+            cut = False
+        assert replies > 1000
+        assert cut != bool(disabled)
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("disabled", [(), ("command_timeout",)])
+def test_a_tls_handshake_stalled_after_starttls_is_cut(ingress_server, tls_certs, disabled):
+    """After '220 Ready to start TLS' the client owes the handshake: on the command timer. The
+    cut is a plain close (a plaintext 421 cannot go into a TLS handshake)."""
+    cfg = config()
+    cfg["server"].update(tls_certs.server)
+    server = ingress_server(cfg, disabled=disabled)
+    with server.raw() as raw:
+        raw.reply()
+        assert raw.cmd("EHLO c")[0] == 250
+        assert raw.cmd("STARTTLS")[0] == 220
+        if disabled:  # only the 60-second TLS handshake timeout would end it
+            assert still_open(raw)
+        else:
+            assert raw.closed_by_server(WAIT)
+            assert raw._buffer == b""
