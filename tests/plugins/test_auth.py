@@ -229,7 +229,9 @@ def test_swaks_in_plaintext_gets_only_cram_md5(ingress_server):
 
 @pytest.mark.parametrize("disabled", [(), ("auth",)])
 def test_exchange_replies(ingress_server, disabled):
-    server = ingress_server(config(**open_switches()), disabled=disabled)
+    settings = config(**open_switches())
+    settings["plugins"]["max_bad_commands"] = {"limit": 0}  # this test makes many errors on purpose
+    server = ingress_server(settings, disabled=disabled)
     with server.raw() as raw:
         raw.reply()
         assert raw.cmd("AUTH PLAIN")[0] == 503  # before EHLO

@@ -22,7 +22,8 @@ BODY = b"Subject: %s\r\n\r\nHello from a mailer that does not wait.\r\n.\r\nQUIT
 
 
 def config(enabled: bool) -> dict:
-    return {"directory": USERS, "plugins": {"disconnect_delivery": {"enabled": enabled}}}
+    return {"directory": USERS, "plugins": {"disconnect_delivery": {"enabled": enabled},
+                                            "relay": {"whitelist": ["127.0.0.1"]}}}
 
 
 def sent_out(sock: socket.socket) -> None:
