@@ -3,7 +3,9 @@
 pluggy calls implementations synchronously and, for decision hooks, would run all of them. The
 core instead walks each hook's implementations itself, in a fixed order, one at a time; it awaits
 results that are awaitable and stops at the first ``Reply``, remembering which plugin gave it.
-The ordered tables are built once per config generation, so no lookup happens per command.
+The ordered tables are built once per config generation, so no lookup happens per command,
+and each entry carries the plugin's settings already. A plain ``def`` implementation is called
+inline (no coroutine, no task); only an ``async def`` one, or an awaitable result, is awaited.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Impl:
     function: Any
     argnames: tuple[str, ...]
     is_async: bool
+    settings: Any  # the plugin's own config section, passed as ``settings``
 
 
 class Hooks:
@@ -84,27 +87,30 @@ class Hooks:
                 hi.function,
                 tuple(hi.argnames),
                 inspect.iscoroutinefunction(hi.function),
+                self._settings.get(hi.plugin_name),
             )
             for hi in hookimpls
         )
 
-    def _args(self, impl: Impl, kwargs: dict[str, Any]) -> list[Any]:
-        kwargs["settings"] = self._settings.get(impl.plugin)
-        return [kwargs[name] for name in impl.argnames]
-
-    async def _call(self, hook: str, impl: Impl, kwargs: dict[str, Any], timeout: float | None):
+    @staticmethod
+    def _start(hook: str, impl: Impl, kwargs: dict[str, Any]) -> Any:
+        """Call *impl*: its result, or the awaitable an ``async def`` returned."""
         if TRACE:
             print(f"ingress: hook {hook} -> {impl.plugin}", file=sys.stderr)
-        result = impl.function(*self._args(impl, kwargs))
-        if impl.is_async or inspect.isawaitable(result):
-            result = await (asyncio.wait_for(result, timeout) if timeout else result)
-        return result
+        kwargs["settings"] = impl.settings
+        return impl.function(*map(kwargs.__getitem__, impl.argnames))
+
+    @staticmethod
+    def _pending(impl: Impl, result: Any) -> bool:
+        return impl.is_async or (result is not None and inspect.isawaitable(result))
 
     async def decide(self, hook: str, **kwargs: Any) -> tuple[Reply | None, str | None]:
         """Run a decision hook: the first ``Reply`` wins. Returns ``(reply, plugin)``."""
         for impl in self.impls(hook):
             try:
-                result = await self._call(hook, impl, kwargs, HOOK_TIMEOUT)
+                result = self._start(hook, impl, kwargs)
+                if self._pending(impl, result):
+                    result = await asyncio.wait_for(result, HOOK_TIMEOUT)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -120,7 +126,9 @@ class Hooks:
     async def first(self, hook: str, **kwargs: Any) -> tuple[Any, str | None]:
         """Run until an implementation returns something other than ``None``."""
         for impl in self.impls(hook):
-            result = await self._call(hook, impl, kwargs, None)
+            result = self._start(hook, impl, kwargs)
+            if self._pending(impl, result):
+                result = await result
             if result is not None:
                 return result, impl.plugin
         return None, None
@@ -131,7 +139,9 @@ class Hooks:
         results = []
         for impl in self.impls(hook):
             try:
-                result = await self._call(hook, impl, kwargs, HOOK_TIMEOUT)
+                result = self._start(hook, impl, kwargs)
+                if self._pending(impl, result):
+                    result = await asyncio.wait_for(result, HOOK_TIMEOUT)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -146,7 +156,7 @@ class Hooks:
         Errors propagate."""
         results = []
         for impl in self.impls(hook):
-            result = impl.function(*self._args(impl, kwargs))
+            result = self._start(hook, impl, kwargs)
             if result is not None:
                 results.append((impl.plugin, result))
         return results
