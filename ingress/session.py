@@ -7,6 +7,7 @@ not. Plugins keep their own per-session state in ``session.notes[<plugin name>]`
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import os
@@ -89,7 +90,7 @@ class Session:
     def directory(self) -> Directory:
         return self.config.directory
 
-    @property
+    @functools.cached_property
     def ip_literal(self) -> str:
         """The client IP as an address literal: ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``."""
         try:
