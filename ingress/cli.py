@@ -7,10 +7,60 @@ import asyncio
 import json
 import logging
 import sys
+import time
 
 from ingress import __version__, manager
 from ingress import config as config_mod
 from ingress.errors import IngressError
+
+
+class BatchingHandler(logging.StreamHandler):
+    """A stream handler that writes the lines logged during one event-loop iteration with one
+    write. ingress logs a line per session and per message; a system call each would be a
+    large part of a short session's cost. Outside a running loop (start-up, worker threads) a
+    line is written at once, after any lines still pending, so the order is kept."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        try:
+            self._pending.append(self.format(record) + self.terminator)
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if len(self._pending) == 1:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:
+            if self._pending:
+                text = "".join(self._pending)
+                self._pending.clear()
+                try:
+                    self.stream.write(text)
+                    self.stream.flush()
+                except (OSError, ValueError):
+                    pass  # stderr gone: nothing sensible left to do with log lines
+
+
+class TextFormatter(logging.Formatter):
+    """``%(asctime)s`` formatted once per second, not once per line."""
+
+    _second, _text = -1, ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._text = second, time.strftime("%Y-%m-%d %H:%M:%S",
+                                                             self.converter(second))
+        return f"{self._text},{int(record.msecs):03d}"
 
 
 class JSONFormatter(logging.Formatter):
@@ -110,8 +160,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if args.log_format == "json" else logging.Formatter(
+    handler = BatchingHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if args.log_format == "json" else TextFormatter(
         "%(asctime)s ingress[%(process)d] %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level, handlers=[handler])
     try:

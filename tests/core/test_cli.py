@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
+import logging
+import re
 import subprocess
 import sys
 
@@ -186,3 +190,48 @@ def test_json_log_lines(tmp_path):
     accepted = [r for r in records if r["message"].startswith("accepted ")]
     assert len(accepted) == 1 and accepted[0]["level"] == "info"
     assert "from=<a@example.org>" in accepted[0]["message"]
+
+
+class CountingStream(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text):
+        self.writes += 1
+        return super().write(text)
+
+
+def test_log_lines_of_one_loop_iteration_are_written_together_and_in_order():
+    from ingress.cli import BatchingHandler, TextFormatter
+
+    stream = CountingStream()
+    handler = BatchingHandler(stream)
+    handler.setFormatter(TextFormatter("%(asctime)s %(message)s"))
+    logger = logging.getLogger("ingress.test-batching")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+
+    async def main():
+        for i in range(3):
+            logger.info("line %d", i)
+        assert stream.writes == 1, "nothing written inside the iteration"
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert stream.writes == 2, "the three lines in one write"
+        logger.info("line 3")
+
+    try:
+        logger.info("before the loop")
+        assert stream.writes == 1, "outside a loop a line is written at once"
+        asyncio.run(main())
+        handler.flush()
+        logger.info("after the loop")
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" ", 2)[2] for line in lines] == [
+        "before the loop", "line 0", "line 1", "line 2", "line 3", "after the loop"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", " ".join(
+        lines[0].split(" ")[:2]))
