@@ -1,10 +1,11 @@
-"""Maildir writing (blocking; called from a worker thread). Private to the core."""
+"""Maildir writing (blocking; called from worker threads). Private to the core."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +25,74 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DirectorySync:
+    """Group commit of one directory's fsync across the threads that deliver concurrently.
+
+    A caller's change (a link into ``new/``) is durable once an fsync of the directory that
+    *started after* the change has finished. So a caller that finds an fsync running waits for
+    it to end and then shares the next one with everyone else who arrived meanwhile: N
+    concurrent deliveries into one folder cost about two directory fsyncs, not N, and each
+    caller still returns only once its own entry is on disk (or raises that fsync's error).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._cond = threading.Condition()
+        self._started = 0  # number of the last fsync started
+        self._done = 0  # number of the last fsync finished
+        self._running = False
+        self._errors: dict[int, OSError] = {}  # failed fsyncs by number (kept briefly)
+        self.users = 0  # threads inside sync_dir() for this directory
+
+    def sync(self) -> None:
+        with self._cond:
+            mine = self._started + 1  # the first fsync to start from now on covers my change
+            while self._done < mine:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                number = self._started
+                error = None
+                self._cond.release()
+                try:
+                    fsync_dir(self.path)
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._done = number
+                    if error is not None:
+                        self._errors[number] = error
+                    self._errors.pop(number - 64, None)
+                    self._cond.notify_all()
+            error = self._errors.get(mine)
+        if error is not None:
+            raise OSError(error.errno, f"fsync of {self.path} failed: {error.strerror}")
+
+
+_syncs: dict[Path, DirectorySync] = {}  # only directories being synced now
+_syncs_lock = threading.Lock()
+
+
+def sync_dir(path: Path) -> None:
+    """fsync *path*, sharing the fsync with concurrent callers (see :class:`DirectorySync`)."""
+    with _syncs_lock:
+        syncer = _syncs.get(path)
+        if syncer is None:
+            syncer = _syncs[path] = DirectorySync(path)
+        syncer.users += 1
+    try:
+        syncer.sync()
+    finally:
+        with _syncs_lock:
+            syncer.users -= 1
+            if not syncer.users:
+                del _syncs[path]
 
 
 def ensure_maildir(box: Path) -> None:
@@ -85,7 +154,7 @@ def deliver(root: Path, mailboxes: list[tuple[str, str]], header: bytes, message
             os.link(tmp, final)
             finals.append(str(final))
         for box in boxes:
-            fsync_dir(box / "new")
+            sync_dir(box / "new")
     except BaseException:
         remove_quietly(finals)
         raise
