@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import shutil
 import sys
 import time
 
@@ -79,24 +80,52 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def _serve(args) -> int:
-    cfg = config_mod.load(args.config)
-    from ingress.server import run
-
-    def ready(line: str) -> None:
-        print(line, flush=True)
-
-    runner = asyncio.run
-    try:
-        import uvloop  # optional: pip install 'ingress[fast]'
-    except ImportError:
-        uvloop = None
-    if uvloop is not None and not args.no_uvloop:
-        if sys.version_info >= (3, 11):
+def event_loop_runner(use_uvloop: bool):
+    """A function that runs a coroutine on a new event loop: uvloop's when it is installed
+    (``pip install 'ingress[fast]'``) and wanted, else asyncio's."""
+    uvloop = None
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+    if uvloop is None:
+        return asyncio.run
+    if sys.version_info >= (3, 11):
+        def runner(coro):
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
-                return r.run(run(cfg, ready))
-        uvloop.install()
-    return runner(run(cfg, ready))
+                return r.run(coro)
+        return runner
+
+    def runner_310(coro):
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        return asyncio.run(coro)
+    return runner_310
+
+
+def _serve(args) -> int:
+    from ingress import workers
+
+    # Several workers count their metrics in shared files; prometheus_client must learn that
+    # before its first import, which the config load brings.
+    metrics_dir = workers.use_multiprocess_metrics() if workers.wanted(args.config) > 1 else None
+    try:
+        cfg = config_mod.load(args.config)
+        from ingress.server import run
+
+        def ready(lines: list[str]) -> None:
+            for line in lines:
+                print(line, flush=True)
+
+        runner = event_loop_runner(not args.no_uvloop)
+        logging.getLogger("ingress").info(
+            "event loop: %s", "asyncio" if runner is asyncio.run else "uvloop")
+        if cfg.server["workers"] > 1:
+            return workers.serve(cfg, ready, runner, metrics_dir)
+        return runner(run(cfg, ready))
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _check_config(args) -> int:

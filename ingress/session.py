@@ -24,6 +24,14 @@ _ids = itertools.count(1)
 _PID = f"{os.getpid():x}"
 
 
+def _forked() -> None:
+    global _PID
+    _PID = f"{os.getpid():x}"
+
+
+os.register_at_fork(after_in_child=_forked)  # worker processes: ids stay unique
+
+
 def new_id() -> str:
     """A queue id, unique per host: microsecond time, process id and a counter."""
     return f"{time.time_ns() // 1000:x}{_PID}{next(_ids):x}".upper()
