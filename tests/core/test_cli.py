@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import io
 import json
 import logging
@@ -235,3 +236,20 @@ def test_log_lines_of_one_loop_iteration_are_written_together_and_in_order():
         "before the loop", "line 0", "line 1", "line 2", "line 3", "after the loop"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", " ".join(
         lines[0].split(" ")[:2]))
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-uvloop",)])
+def test_serve_uses_uvloop_when_installed_unless_told_not_to(tmp_path, flags):
+    from ingress.testing import server_config, start_subprocess
+
+    expected = "uvloop" if importlib.util.find_spec("uvloop") and not flags else "asyncio"
+    config = server_config(tmp_path, {"directory": {"domains": ["example.test"], "users": [
+        {"address": "alice@example.test", "password": "pw"}]}})
+    server = start_subprocess(config, tmp_path, args=flags)
+    try:
+        with server.smtp() as client:
+            client.sendmail("s@example.org", ["alice@example.test"], "Subject: s\r\n\r\nx\r\n")
+        assert len(server.mailbox("alice@example.test")) == 1
+    finally:
+        assert server.stop() == 0
+    assert f"event loop: {expected}" in server.log()
