@@ -113,18 +113,31 @@ def unique_name(hostname: str) -> str:
     return f"{now // 10**9}.M{(now // 1000) % 10**6}P{os.getpid()}Q{next(_counter)}.{host}"
 
 
+def write_all(fd: int, buffers: list) -> None:
+    """Write *buffers* in order with as few system calls as the kernel allows."""
+    written = os.writev(fd, buffers)
+    for buffer in buffers:
+        if written >= len(buffer):
+            written -= len(buffer)
+            continue
+        view = memoryview(buffer)[written:]
+        written = 0
+        while view:
+            view = view[os.write(fd, view):]
+
+
 def write_file(path: Path, header: bytes, message) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    """Create *path* with *header* and the message, and fsync it. Plain descriptor calls: this
+    runs in a worker thread for every message, and each call there is a turn at the GIL."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            f.write(header)
-            data = message.getvalue()
-            if data is not None:
-                f.write(data)
-            else:
-                for chunk in message.chunks(1 << 20):
-                    f.write(chunk)
-            f.flush()
+        data = message.getvalue()
+        if data is not None:
+            write_all(fd, [header, data])
+        else:
+            write_all(fd, [header])
+            for chunk in message.chunks(1 << 20):
+                write_all(fd, [chunk])
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -140,7 +153,8 @@ def remove_quietly(paths) -> None:
 
 def deliver(root: Path, mailboxes: list[tuple[str, str]], header: bytes, message,
             hostname: str) -> list[str]:
-    """Write one copy and link it into every mailbox's ``new/``; return the final paths."""
+    """Write one copy into the first mailbox's ``tmp/``, hard-link it into the other mailboxes'
+    ``new/``, rename it into the first one's ``new/``; return the final paths."""
     boxes = [root / domain / local for domain, local in mailboxes]
     for box in boxes:
         ensure_maildir(box)
@@ -149,15 +163,16 @@ def deliver(root: Path, mailboxes: list[tuple[str, str]], header: bytes, message
     finals: list[str] = []
     try:
         write_file(tmp, header, message)
-        for box in boxes:
+        for box in boxes[1:]:
             final = box / "new" / name
             os.link(tmp, final)
             finals.append(str(final))
+        first = boxes[0] / "new" / name
+        os.rename(tmp, first)
+        finals.insert(0, str(first))
         for box in boxes:
             sync_dir(box / "new")
     except BaseException:
-        remove_quietly(finals)
+        remove_quietly([*finals, tmp])
         raise
-    finally:
-        remove_quietly([tmp])
     return finals

@@ -147,3 +147,23 @@ def test_concurrent_deliveries_are_all_durable(tmp_path, boxes):
     run_threads(deliver)
     assert len(paths) == len(set(paths)) == THREADS * 10
     assert sorted(paths) == sorted(str(p) for p in tmp_path.glob("*/*/new/*"))
+
+
+@pytest.mark.parametrize("size", [0, 3000, 3 << 20])  # empty, in memory, spilled to disk
+def test_one_file_with_the_header_first_linked_into_every_mailbox(tmp_path, size):
+    from ingress.spool import Message
+
+    message = Message(tmp_path / "spool", None)
+    body = bytes(range(256)) * (size // 256) + b"end\r\n"
+    for i in range(0, len(body), 65536):
+        message.write(body[i:i + 65536])
+    try:
+        paths = maildir.deliver(tmp_path / "mail", [("example.test", "a"), ("example.test", "b")],
+                                b"Return-Path: <s@example.org>\r\n", message, "mx.test")
+    finally:
+        message.close()
+    assert [p.split("/")[-3] for p in paths] == ["a", "b"]
+    assert {os.stat(p).st_ino for p in paths} == {os.stat(paths[0]).st_ino}, "hard links"
+    with open(paths[0], "rb") as f:
+        assert f.read() == b"Return-Path: <s@example.org>\r\n" + body
+    assert not list((tmp_path / "mail").glob("*/*/tmp/*"))
