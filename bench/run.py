@@ -425,11 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     repeat = args.repeat or preset["repeat"]
     big_mb = preset["big_mb"] if args.big_mb is None else args.big_mb
     uvloop = uvloop_installed() and not args.no_uvloop
-    works = [
+    works = [  # an empty list (--sizes "") skips the grid: only the big message
         Workload(size, mode, sessions, args.messages or preset["messages"].get(size, 400))
-        for size in map(int, args.sizes.split(","))
-        for mode in args.modes.split(",")
-        for sessions in map(int, args.sessions.split(","))
+        for size in [int(x) for x in args.sizes.split(",") if x]
+        for mode in [x for x in args.modes.split(",") if x]
+        for sessions in [int(x) for x in args.sessions.split(",") if x]
     ]
     root = Path(tempfile.mkdtemp(prefix="ingress-bench-", dir=args.workdir or os.getcwd()))
     print(f"machine: {machine()}", flush=True)
@@ -461,10 +461,11 @@ def main(argv: list[str] | None = None) -> int:
                             **{k: v for k, v in result.items() if k != "acked_seqs"}})
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print()
-    print(table(rows))
-    print()
-    print(summary(rows))
+    if rows:
+        print()
+        print(table(rows))
+        print()
+        print(summary(rows))
     if big:
         print()
         print(f"| one {big_mb} MB message | peak RSS MB | seconds | stored = acked |")
