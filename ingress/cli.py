@@ -111,18 +111,14 @@ def _serve(args) -> int:
     metrics_dir = workers.use_multiprocess_metrics() if workers.wanted(args.config) > 1 else None
     try:
         cfg = config_mod.load(args.config)
-        from ingress.server import run
-
-        def ready(lines: list[str]) -> None:
-            for line in lines:
-                print(line, flush=True)
+        from ingress.server import print_lines, run
 
         runner = event_loop_runner(not args.no_uvloop)
         logging.getLogger("ingress").info(
             "event loop: %s", "asyncio" if runner is asyncio.run else "uvloop")
         if cfg.server["workers"] > 1:
-            return workers.serve(cfg, ready, runner, metrics_dir)
-        return runner(run(cfg, ready))
+            return workers.serve(cfg, print_lines, runner, metrics_dir)
+        return runner(run(cfg, print_lines))
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)

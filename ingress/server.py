@@ -196,7 +196,12 @@ class Server:
                 log.warning("%d session(s) did not end", len(self.protocols))
 
 
-async def run(cfg: config_mod.Config, ready=print, worker: Worker | None = None) -> int:
+def print_lines(lines: list[str]) -> None:
+    for line in lines:
+        print(line, flush=True)
+
+
+async def run(cfg: config_mod.Config, ready=print_lines, worker: Worker | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain; SIGHUP reloads. A worker also stops when its
     parent is gone. *ready* gets the list of ready lines."""
     server = Server(cfg, worker)

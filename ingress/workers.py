@@ -97,6 +97,8 @@ class Supervisor:
     def __init__(self, cfg: config_mod.Config, runner, metrics_dir: str | None):
         from ingress import server as server_mod
 
+        server_mod.tls_context(cfg)  # a bad certificate is an error here, not in N workers
+        server_mod.prepare_spool(cfg)
         self.cfg = cfg
         self.runner = runner  # runner(coroutine) runs it on a fresh event loop
         self.metrics_dir = metrics_dir
@@ -107,10 +109,14 @@ class Supervisor:
         self.started_at = [0.0] * self.count
         self.failed_starts = 0
         self.exit_codes: dict[int, int] = {}
+        self.stopping = False
+        self.deadline = 0.0
         self.placeholders: list[socket.socket] = []
-        self.fds: list[int] = []
-        server_mod.tls_context(cfg)  # a bad certificate is an error here, not in N workers
-        server_mod.prepare_spool(cfg)
+        self.alive_r, self.alive_w = os.pipe()  # never written: EOF tells workers we are gone
+        self.ready_r, self.ready_w = os.pipe()  # workers report "listening" or their error
+        self.wake_r, self.wake_w = socket.socketpair()  # signal numbers (set_wakeup_fd)
+        for sock in (self.wake_r, self.wake_w):
+            sock.setblocking(False)
 
     # --- the workers -----------------------------------------------------------------------
 
@@ -149,10 +155,10 @@ class Supervisor:
         for sig in SIGNALS:
             signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
                           else signal.SIG_DFL)
-        for sock in self.placeholders:
+        for sock in (*self.placeholders, self.wake_r, self.wake_w):
             sock.close()
-        for fd in (self.alive_w, self.ready_r, self.wake_r.fileno(), self.wake_w.fileno()):
-            os.close(fd)
+        os.close(self.alive_w)
+        os.close(self.ready_r)
 
         def ready(lines: list[str]) -> None:
             self._report({"slot": slot, "lines": lines})
@@ -221,21 +227,13 @@ class Supervisor:
 
     def serve(self, ready) -> int:
         server = self.cfg.server
-        self.stopping = False
-        self.deadline = 0.0
-        self.listen = self._reserve(server["listen"])
-        self.listen_tls = self._reserve(server["listen_tls"])
-        self.metrics_listen = self._reserve([server["metrics_listen"]])[0] if (
-            server["metrics_listen"]) else ""
-        self.alive_r, self.alive_w = os.pipe()
-        self.ready_r, self.ready_w = os.pipe()
-        self.fds += [self.alive_r, self.alive_w, self.ready_r, self.ready_w]
-        self.wake_r, self.wake_w = socket.socketpair()
-        for sock in (self.wake_r, self.wake_w):
-            sock.setblocking(False)
         previous = {sig: signal.signal(sig, lambda *_: None) for sig in SIGNALS}
         old_wakeup = signal.set_wakeup_fd(self.wake_w.fileno())
         try:
+            self.listen = self._reserve(server["listen"])
+            self.listen_tls = self._reserve(server["listen_tls"])
+            self.metrics_listen = self._reserve([server["metrics_listen"]])[0] if (
+                server["metrics_listen"]) else ""
             for slot in range(self.count):
                 self.start(slot)
             log.info("started %d workers", self.count)
@@ -244,7 +242,10 @@ class Supervisor:
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self._cleanup()
+            for sock in (*self.placeholders, self.wake_r, self.wake_w):
+                sock.close()
+            for fd in (self.alive_r, self.alive_w, self.ready_r, self.ready_w):
+                os.close(fd)
 
     def _loop(self, ready) -> int:
         listening: dict[int, list[str]] = {}
@@ -293,14 +294,6 @@ class Supervisor:
             return list(self.wake_r.recv(64))
         except BlockingIOError:
             return []
-
-    def _cleanup(self) -> None:
-        for sock in self.placeholders:
-            sock.close()
-        for fd in self.fds:
-            os.close(fd)
-        for sock in (self.wake_r, self.wake_w):
-            sock.close()
 
 
 def serve(cfg: config_mod.Config, ready, runner, metrics_dir: str | None) -> int:

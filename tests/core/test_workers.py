@@ -209,3 +209,19 @@ def test_metrics_are_served_once_for_all_workers(ingress_server):
     assert metrics[("ingress_messages_accepted_total", ())] == CONNECTIONS
     assert metrics[("ingress_domain_messages_total", (("domain", "example.test"),))] == CONNECTIONS
     assert metrics[("ingress_open_connections", ())] == 1
+
+
+def test_a_taken_port_is_an_error_before_any_worker_starts(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = server_config(tmp_path, {"server": {"workers": 2,
+                                                     "listen": [f"127.0.0.1:{port}"]}})
+        path = tmp_path / "ingress.json"
+        path.write_text(json.dumps(config))
+        done = subprocess.run([sys.executable, "-m", "ingress", "serve", "--config", str(path)],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "started" not in done.stderr and done.stdout == ""
