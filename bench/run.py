@@ -401,6 +401,8 @@ def parser() -> argparse.ArgumentParser:
                    "RSS (0: skip)")
     p.add_argument("--no-uvloop", action="store_true", help="asyncio's loop everywhere")
     p.add_argument("--json", metavar="FILE", help="also write every result as JSON")
+    p.add_argument("--report", metavar="FILE", help="also write the tables, the machine and "
+                   "the load averages as Markdown")
     p.add_argument("--workdir", metavar="DIR",
                    help="where Maildirs go (default: a temporary folder on the disk of the "
                         "current directory; not tmpfs, where fsync is free)")
@@ -432,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         for sessions in [int(x) for x in args.sessions.split(",") if x]
     ]
     root = Path(tempfile.mkdtemp(prefix="ingress-bench-", dir=args.workdir or os.getcwd()))
-    print(f"machine: {machine()}", flush=True)
+    started = f"machine: {machine()}"
+    print(started, flush=True)
     rows: list[Row] = []
     raw: list[dict] = []
     try:
@@ -461,18 +464,18 @@ def main(argv: list[str] | None = None) -> int:
                             **{k: v for k, v in result.items() if k != "acked_seqs"}})
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    report = [started, "command: " + " ".join(["bench/run.py", *(argv or sys.argv[1:])])]
     if rows:
-        print()
-        print(table(rows))
-        print()
-        print(summary(rows))
+        report += ["", table(rows), "", summary(rows)]
     if big:
-        print()
-        print(f"| one {big_mb} MB message | peak RSS MB | seconds | stored = acked |")
-        print("|---|---|---|---|")
-        for kind, r in big:
-            print(f"| {kind} | {r['rss_kb'] / 1024:.1f} | {r['elapsed']:.1f} | {r['check']} |")
-    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        report += ["", f"| one {big_mb} MB message | peak RSS MB | seconds | stored = acked |",
+                   "|---|---|---|---|"]
+        report += [f"| {kind} | {r['rss_kb'] / 1024:.1f} | {r['elapsed']:.1f} | {r['check']} |"
+                   for kind, r in big]
+    report.append(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("\n".join(report[2:]))
+    if args.report:
+        Path(args.report).write_text("\n".join(report) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "runs": raw}, indent=1))
     bad = [r for r in rows if r.check not in ("ok", "-") or r.failed]
