@@ -78,7 +78,8 @@ class Session:
         self.local_ip: str = local[0] if local else ""
         self.local_port: int = local[1] if local else 0
         self.connected_at = time.time()
-        #: open connections on this server when this one was accepted (including this one)
+        #: open connections on this server (all its worker processes) when this one was
+        #: accepted, including this one
         self.connections = connections
         self.tls = tls
         self.counters: Counter[str] = Counter()
