@@ -103,6 +103,30 @@ def peak_rss_kb(pid: int) -> int:
     return total
 
 
+def cpu_busy(seconds: float = 0.5) -> float:
+    """Share of all CPUs busy during *seconds* (from /proc/stat). Measured while the harness
+    only sleeps, it is the load of other programs."""
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_quiet(below: float | None, patience: float) -> float:
+    """Wait, up to *patience* seconds, until other programs use less than *below* of the CPUs;
+    return the share measured last."""
+    deadline = time.monotonic() + patience
+    while True:
+        busy = cpu_busy()
+        if below is None or busy < below or time.monotonic() > deadline:
+            return busy
+        time.sleep(2)
+
+
 # --- servers ------------------------------------------------------------------------------------
 
 
@@ -286,9 +310,12 @@ class Row:
     failed: int
     check: str
     runs: int
+    busy: float  # other programs' share of the CPUs just before the runs (median)
 
 
-def one_run(kind: str, client: str, work: Workload, root: Path, uvloop: bool) -> dict:
+def one_run(kind: str, client: str, work: Workload, root: Path, uvloop: bool,
+            quiet: tuple[float | None, float] = (None, 0)) -> dict:
+    busy = wait_quiet(*quiet)
     workdir = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=root))
     server = Server(kind, workdir, uvloop)
     try:
@@ -296,6 +323,7 @@ def one_run(kind: str, client: str, work: Workload, root: Path, uvloop: bool) ->
         server.reset_peak_rss()
         result = run_client(client, server.port, work, workdir, uvloop)
         result["rss_kb"] = server.peak_rss_kb()
+        result["busy"] = busy
     finally:
         server.stop()
     result["check"] = verify(server, result)
@@ -313,7 +341,8 @@ def median_row(kind: str, client: str, work: Workload, results: list[dict]) -> R
     checks = sorted({r["check"] for r in results})
     return Row(client, work.label, kind, med("rate"), med("p50_ms"), med("p99_ms"),
                med("rss_kb") / 1024, sum(r["acked"] for r in results),
-               sum(r["failed"] for r in results), ", ".join(checks), len(results))
+               sum(r["failed"] for r in results), ", ".join(checks), len(results),
+               med("busy"))
 
 
 def big_message(kind: str, megabytes: int, root: Path, uvloop: bool) -> dict:
@@ -334,7 +363,7 @@ def ratio(row: Row, other: Row | None) -> str:
 def table(rows: list[Row]) -> str:
     by = {(r.client, r.workload, r.server): r for r in rows}
     head = ("| client | workload | server | msgs/s | p50 ms | p99 ms | peak RSS MB | acked | "
-            "failed | stored = acked | vs baseline | vs ceiling | vs 1 worker |")
+            "failed | stored = acked | vs baseline | vs ceiling | vs 1 worker | other load |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         single = by.get((r.client, r.workload, "ingress")) if r.server == "ingress-2w" else None
@@ -342,7 +371,8 @@ def table(rows: list[Row]) -> str:
             f"| {r.client} | {r.workload} | {r.server} | {fmt(r.rate)} | {fmt(r.p50_ms, 1)} | "
             f"{fmt(r.p99_ms, 1)} | {fmt(r.rss_mb, 1)} | {r.acked} | {r.failed} | {r.check} | "
             f"{ratio(r, by.get((r.client, r.workload, 'baseline')))} | "
-            f"{ratio(r, by.get((r.client, r.workload, 'sink')))} | {ratio(r, single)} |")
+            f"{ratio(r, by.get((r.client, r.workload, 'sink')))} | {ratio(r, single)} | "
+            f"{r.busy:.0%} |")
     return "\n".join(out)
 
 
@@ -400,6 +430,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--big-mb", type=int, help="one message this large to ingress, for peak "
                    "RSS (0: skip)")
     p.add_argument("--no-uvloop", action="store_true", help="asyncio's loop everywhere")
+    p.add_argument("--quiet", type=float, metavar="SHARE",
+                   help="before each run, wait until other programs use less than this share "
+                        "of the CPUs (e.g. 0.15), for at most --patience seconds")
+    p.add_argument("--patience", type=float, default=120, metavar="SECONDS")
     p.add_argument("--json", metavar="FILE", help="also write every result as JSON")
     p.add_argument("--report", metavar="FILE", help="also write the tables, the machine and "
                    "the load averages as Markdown")
@@ -444,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
                 results: dict[str, list[dict]] = {s: [] for s in servers}
                 for _ in range(repeat):  # servers interleaved, so load changes hit all alike
                     for kind in servers:
-                        result = one_run(kind, client, work, root, uvloop)
+                        result = one_run(kind, client, work, root, uvloop,
+                                         (args.quiet, args.patience))
                         results[kind].append(result)
                         raw.append({"client": client, "workload": dataclasses.asdict(work),
                                     "server": kind, **{k: v for k, v in result.items()
@@ -472,7 +507,11 @@ def main(argv: list[str] | None = None) -> int:
                    "|---|---|---|---|"]
         report += [f"| {kind} | {r['rss_kb'] / 1024:.1f} | {r['elapsed']:.1f} | {r['check']} |"
                    for kind, r in big]
-    report.append(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    busy = sorted(r["busy"] for r in raw if "busy" in r)
+    if busy:
+        report.append(f"\nother programs' share of the CPUs just before each run: median "
+                      f"{statistics.median(busy):.0%}, max {busy[-1]:.0%} ({len(busy)} runs)")
+    report.append(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("\n".join(report[2:]))
     if args.report:
         Path(args.report).write_text("\n".join(report) + "\n")
