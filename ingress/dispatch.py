@@ -38,6 +38,15 @@ HOOK_TIMEOUT = 60.0
 
 TRACE = os.environ.get("INGRESS_TRACE_PLUGINS", "") not in ("", "0")
 
+if sys.version_info >= (3, 11):
+    async def _bounded(awaitable, seconds: float):
+        """Await *awaitable* for at most *seconds* in the current task (no task per call,
+        as ``asyncio.wait_for`` makes before Python 3.12)."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+else:  # pragma: no cover - Python 3.10
+    _bounded = asyncio.wait_for
+
 
 @dataclass(frozen=True)
 class Impl:
@@ -110,7 +119,7 @@ class Hooks:
             try:
                 result = self._start(hook, impl, kwargs)
                 if self._pending(impl, result):
-                    result = await asyncio.wait_for(result, HOOK_TIMEOUT)
+                    result = await _bounded(result, HOOK_TIMEOUT)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -141,7 +150,7 @@ class Hooks:
             try:
                 result = self._start(hook, impl, kwargs)
                 if self._pending(impl, result):
-                    result = await asyncio.wait_for(result, HOOK_TIMEOUT)
+                    result = await _bounded(result, HOOK_TIMEOUT)
             except asyncio.CancelledError:
                 raise
             except Exception:
