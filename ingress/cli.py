@@ -6,11 +6,62 @@ import argparse
 import asyncio
 import json
 import logging
+import shutil
 import sys
+import time
 
 from ingress import __version__, manager
 from ingress import config as config_mod
 from ingress.errors import IngressError
+
+
+class BatchingHandler(logging.StreamHandler):
+    """A stream handler that writes the lines logged during one event-loop iteration with one
+    write. ingress logs a line per session and per message; a system call each would be a
+    large part of a short session's cost. Outside a running loop (start-up, worker threads) a
+    line is written at once, after any lines still pending, so the order is kept."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        try:
+            self._pending.append(self.format(record) + self.terminator)
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if len(self._pending) == 1:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:
+            if self._pending:
+                text = "".join(self._pending)
+                self._pending.clear()
+                try:
+                    self.stream.write(text)
+                    self.stream.flush()
+                except (OSError, ValueError):
+                    pass  # stderr gone: nothing sensible left to do with log lines
+
+
+class TextFormatter(logging.Formatter):
+    """``%(asctime)s`` formatted once per second, not once per line."""
+
+    _second, _text = -1, ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._text = second, time.strftime("%Y-%m-%d %H:%M:%S",
+                                                             self.converter(second))
+        return f"{self._text},{int(record.msecs):03d}"
 
 
 class JSONFormatter(logging.Formatter):
@@ -29,24 +80,48 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def _serve(args) -> int:
-    cfg = config_mod.load(args.config)
-    from ingress.server import run
-
-    def ready(line: str) -> None:
-        print(line, flush=True)
-
-    runner = asyncio.run
-    try:
-        import uvloop  # optional: pip install 'ingress[fast]'
-    except ImportError:
-        uvloop = None
-    if uvloop is not None and not args.no_uvloop:
-        if sys.version_info >= (3, 11):
+def event_loop_runner(use_uvloop: bool):
+    """A function that runs a coroutine on a new event loop: uvloop's when it is installed
+    (``pip install 'ingress[fast]'``) and wanted, else asyncio's."""
+    uvloop = None
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+    if uvloop is None:
+        return asyncio.run
+    if sys.version_info >= (3, 11):
+        def runner(coro):
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
-                return r.run(run(cfg, ready))
-        uvloop.install()
-    return runner(run(cfg, ready))
+                return r.run(coro)
+        return runner
+
+    def runner_310(coro):
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        return asyncio.run(coro)
+    return runner_310
+
+
+def _serve(args) -> int:
+    from ingress import workers
+
+    # Several workers count their metrics in shared files; prometheus_client must learn that
+    # before its first import, which the config load brings.
+    metrics_dir = workers.use_multiprocess_metrics() if workers.wanted(args.config) > 1 else None
+    try:
+        cfg = config_mod.load(args.config)
+        from ingress.server import print_lines, run
+
+        runner = event_loop_runner(not args.no_uvloop)
+        logging.getLogger("ingress").info(
+            "event loop: %s", "asyncio" if runner is asyncio.run else "uvloop")
+        if cfg.server["workers"] > 1:
+            return workers.serve(cfg, print_lines, runner, metrics_dir)
+        return runner(run(cfg, print_lines))
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _check_config(args) -> int:
@@ -105,8 +180,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if args.log_format == "json" else logging.Formatter(
+    handler = BatchingHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if args.log_format == "json" else TextFormatter(
         "%(asctime)s ingress[%(process)d] %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level, handlers=[handler])
     try:

@@ -3,7 +3,9 @@
 pluggy calls implementations synchronously and, for decision hooks, would run all of them. The
 core instead walks each hook's implementations itself, in a fixed order, one at a time; it awaits
 results that are awaitable and stops at the first ``Reply``, remembering which plugin gave it.
-The ordered tables are built once per config generation, so no lookup happens per command.
+The ordered tables are built once per config generation, so no lookup happens per command,
+and each entry carries the plugin's settings already. A plain ``def`` implementation is called
+inline (no coroutine, no task); only an ``async def`` one, or an awaitable result, is awaited.
 """
 
 from __future__ import annotations
@@ -34,9 +36,18 @@ BUILTIN_ORDER: dict[str, tuple[str, ...]] = {
 # Async implementations of decision hooks that take longer than this fail closed (451 4.3.0).
 HOOK_TIMEOUT = float(os.environ.get("INGRESS_HOOK_TIMEOUT", "60"))
 
-FAILED = object()  # what a failed implementation "returned"
+FAILED = object()  # what a failed implementation "returned" from first()
 
 TRACE = os.environ.get("INGRESS_TRACE_PLUGINS", "") not in ("", "0")
+
+if sys.version_info >= (3, 11):
+    async def _bounded(awaitable, seconds: float):
+        """Await *awaitable* for at most *seconds* in the current task (no task per call,
+        as ``asyncio.wait_for`` makes before Python 3.12)."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+else:  # pragma: no cover - Python 3.10
+    _bounded = asyncio.wait_for
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,7 @@ class Impl:
     function: Any
     argnames: tuple[str, ...]
     is_async: bool
+    settings: Any  # the plugin's own config section, passed as ``settings``
 
 
 class Hooks:
@@ -86,54 +98,62 @@ class Hooks:
                 hi.function,
                 tuple(hi.argnames),
                 inspect.iscoroutinefunction(hi.function),
+                self._settings.get(hi.plugin_name),
             )
             for hi in hookimpls
         )
 
-    def _args(self, impl: Impl, kwargs: dict[str, Any]) -> list[Any]:
-        kwargs["settings"] = self._settings.get(impl.plugin)
-        return [kwargs[name] for name in impl.argnames]
-
-    async def _call(self, hook: str, impl: Impl, kwargs: dict[str, Any], timeout: float | None):
+    @staticmethod
+    def _start(hook: str, impl: Impl, kwargs: dict[str, Any]) -> Any:
+        """Call *impl*: its result, or the awaitable an ``async def`` returned."""
         if TRACE:
             print(f"ingress: hook {hook} -> {impl.plugin}", file=sys.stderr)
-        result = impl.function(*self._args(impl, kwargs))
-        if impl.is_async or inspect.isawaitable(result):
-            result = await (asyncio.wait_for(result, timeout) if timeout else result)
-        return result
+        kwargs["settings"] = impl.settings
+        return impl.function(*map(kwargs.__getitem__, impl.argnames))
 
-    async def _safe_call(self, hook: str, impl: Impl, kwargs: dict[str, Any],
-                         timeout: float | None) -> Any:
-        """The implementation's result, or :data:`FAILED` (logged) if it raised or timed out."""
-        try:
-            return await self._call(hook, impl, kwargs, timeout)
-        except asyncio.CancelledError:
-            raise
-        except asyncio.TimeoutError:
-            log.error("plugin %s did not answer %s within %gs", impl.plugin, hook, timeout)
-        except Exception:
-            log.exception("plugin %s failed in %s", impl.plugin, hook)
-        return FAILED
+    @staticmethod
+    def _pending(impl: Impl, result: Any) -> bool:
+        return impl.is_async or (result is not None and inspect.isawaitable(result))
+
+    @staticmethod
+    def _failed(hook: str, impl: Impl, exc: Exception) -> None:
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+            log.error("plugin %s did not answer %s within %gs", impl.plugin, hook, HOOK_TIMEOUT)
+        else:
+            log.error("plugin %s failed in %s", impl.plugin, hook, exc_info=exc)
 
     async def decide(self, hook: str, **kwargs: Any) -> tuple[Reply | None, str | None]:
-        """Run a decision hook: the first ``Reply`` wins. Returns ``(reply, plugin)``.
-        A plugin that fails (raises, times out, returns something else) fails closed."""
+        """Run a decision hook: the first ``Reply`` wins. Returns ``(reply, plugin)``."""
         for impl in self.impls(hook):
-            result = await self._safe_call(hook, impl, kwargs, HOOK_TIMEOUT)
-            if result is None:
-                continue
-            if not isinstance(result, Reply):
-                if result is not FAILED:
+            try:
+                result = self._start(hook, impl, kwargs)
+                if self._pending(impl, result):
+                    result = await _bounded(result, HOOK_TIMEOUT)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # fail closed
+                self._failed(hook, impl, exc)
+                return Reply.tempfail("Temporary local problem, try again later"), impl.plugin
+            if result is not None:
+                if not isinstance(result, Reply):
                     log.error("plugin %s returned %r from %s", impl.plugin, result, hook)
-                return Reply.tempfail(), impl.plugin
-            return result, impl.plugin
+                    return Reply.tempfail(), impl.plugin
+                return result, impl.plugin
         return None, None
 
     async def first(self, hook: str, **kwargs: Any) -> tuple[Any, str | None]:
         """Run until an implementation returns something other than ``None``. A failing
         implementation ends the walk with ``(FAILED, plugin)``."""
         for impl in self.impls(hook):
-            result = await self._safe_call(hook, impl, kwargs, None)
+            try:
+                result = self._start(hook, impl, kwargs)
+                if self._pending(impl, result):
+                    result = await result
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._failed(hook, impl, exc)
+                return FAILED, impl.plugin
             if result is not None:
                 return result, impl.plugin
         return None, None
@@ -143,8 +163,16 @@ class Hooks:
         A failing implementation is logged and skipped."""
         results = []
         for impl in self.impls(hook):
-            result = await self._safe_call(hook, impl, kwargs, HOOK_TIMEOUT)
-            if result is not None and result is not FAILED:
+            try:
+                result = self._start(hook, impl, kwargs)
+                if self._pending(impl, result):
+                    result = await _bounded(result, HOOK_TIMEOUT)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._failed(hook, impl, exc)
+                continue
+            if result is not None:
                 results.append((impl.plugin, result))
         return results
 
@@ -153,7 +181,7 @@ class Hooks:
         Errors propagate."""
         results = []
         for impl in self.impls(hook):
-            result = impl.function(*self._args(impl, kwargs))
+            result = self._start(hook, impl, kwargs)
             if result is not None:
                 results.append((impl.plugin, result))
         return results

@@ -5,6 +5,10 @@ Private to the core; plugins that want their own metrics create them in
 ``on_connect`` (sessions), ``on_reply`` (rejections by the plugin that gave them),
 ``after_delivery`` (messages, bytes, per local domain). The per-domain series are not kept
 when ``plugins.relay.allow`` is ``anyone`` (the seed: an open relay turns domain statistics off).
+
+With ``server.workers > 1`` prometheus_client runs in multiprocess mode (each worker writes its
+values to files in a private folder, ``PROMETHEUS_MULTIPROC_DIR``, set before prometheus_client
+is first imported; see :mod:`ingress.workers`) and one worker serves the sum of all of them.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ingress import hookimpl
@@ -21,7 +25,8 @@ log = logging.getLogger("ingress.metrics")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 SESSIONS = Counter("ingress_sessions", "SMTP sessions accepted", registry=REGISTRY)
-OPEN = Gauge("ingress_open_connections", "Open SMTP connections", registry=REGISTRY)
+OPEN = Gauge("ingress_open_connections", "Open SMTP connections", registry=REGISTRY,
+             multiprocess_mode="livesum")
 MESSAGES = Counter("ingress_messages_accepted", "Messages stored and acknowledged with 250",
                    registry=REGISTRY)
 BYTES = Counter("ingress_bytes_accepted", "Bytes of accepted messages", registry=REGISTRY)
@@ -63,12 +68,20 @@ def after_delivery(session, transaction, message):
             DOMAIN_MESSAGES.labels(domain).inc()
 
 
-async def _serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+def all_workers_registry() -> CollectorRegistry:
+    """A registry that collects the metrics of every worker process (multiprocess mode)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
+async def _serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      registry: CollectorRegistry) -> None:
     try:
         request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
         if path.split(b"?")[0] == b"/metrics":
-            body, status, ctype = generate_latest(REGISTRY), b"200 OK", CONTENT_TYPE_LATEST
+            body, status, ctype = generate_latest(registry), b"200 OK", CONTENT_TYPE_LATEST
         else:
             body, status, ctype = b"not found; try /metrics\n", b"404 Not Found", "text/plain"
         writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype.encode() +
@@ -82,9 +95,14 @@ async def _serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         writer.close()
 
 
-async def start_http(listen: str) -> tuple[asyncio.AbstractServer, str]:
+async def start_http(listen: str, all_workers: bool = False) -> tuple[asyncio.AbstractServer, str]:
+    """Serve /metrics on *listen*: this process's metrics, or with *all_workers* those of every
+    worker (on a port the parent holds with SO_REUSEPORT)."""
+    registry = all_workers_registry() if all_workers else REGISTRY
     host, _, port = listen.rpartition(":")
-    server = await asyncio.start_server(_serve_http, host.strip("[]"), int(port))
+    server = await asyncio.start_server(
+        lambda r, w: _serve_http(r, w, registry), host.strip("[]"), int(port),
+        reuse_port=all_workers or None)
     addr = server.sockets[0].getsockname()
     shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
     return server, f"{shown}:{addr[1]}"

@@ -7,7 +7,9 @@ import logging
 import shutil
 import signal
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ingress import config as config_mod
 from ingress import metrics
@@ -55,27 +57,66 @@ def raise_open_file_limit() -> None:
     log.info("open file limit raised from %d to %d", soft, hard)
 
 
+def spool_dir(cfg: config_mod.Config) -> Path:
+    return Path(cfg.data["delivery"]["queue"]) / "spool"
+
+
+def prepare_spool(cfg: config_mod.Config) -> None:
+    spool = spool_dir(cfg)
+    if spool.exists():  # leftovers of a crash: never acknowledged, safe to drop
+        shutil.rmtree(spool, ignore_errors=True)
+    spool.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass
+class Worker:
+    """What a worker process (``server.workers > 1``) gets from its parent: the listen
+    addresses with their ports resolved, its slot in the shared table of open connections,
+    and whether it serves the metrics of all workers."""
+
+    slot: int
+    listen: list[str]
+    listen_tls: list[str]
+    metrics_listen: str  # "" except in the worker that serves /metrics
+    open_connections: Any  # a shared array of per-worker counts (multiprocessing.RawArray)
+    parent_fd: int  # read end of a pipe the parent never writes to: EOF means it is gone
+
+
 class Server:
-    def __init__(self, cfg: config_mod.Config):
+    def __init__(self, cfg: config_mod.Config, worker: Worker | None = None):
         self.config = cfg
+        self.worker = worker
         self.tls_context = tls_context(cfg)
-        self.connections = 0  # +1 connection_made; -1 once, when lost or cut, whichever is first
+        self.own_connections = 0  # open connections of this process, exact
         self.protocols: set[SMTPProtocol] = set()
         self.listeners: list[asyncio.AbstractServer] = []
         self.messages_accepted = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._prepare(cfg)
+        if worker is None:  # workers share the spool; their parent prepares it once
+            prepare_spool(cfg)
+
+    @property
+    def connections(self) -> int:
+        """Open connections of the whole server: across all worker processes, if any.
+        (Counts of two workers accepting at the same instant may each miss the other's.)"""
+        if self.worker is None:
+            return self.own_connections
+        return sum(self.worker.open_connections)
 
     # --- accounting, called by the protocol ----------------------------------------------------
 
     def connection_opened(self, protocol: SMTPProtocol) -> None:
-        self.connections += 1
+        self.own_connections += 1
+        if self.worker is not None:
+            self.worker.open_connections[self.worker.slot] = self.own_connections
         self.protocols.add(protocol)
         self._idle.clear()
 
     def connection_closed(self, protocol: SMTPProtocol) -> None:
-        self.connections -= 1
+        self.own_connections -= 1
+        if self.worker is not None:
+            self.worker.open_connections[self.worker.slot] = self.own_connections
 
     def session_ended(self, protocol: SMTPProtocol) -> None:
         self.protocols.discard(protocol)
@@ -86,13 +127,7 @@ class Server:
         self.messages_accepted += 1
 
     def spool_dir(self, cfg: config_mod.Config) -> Path:
-        return Path(cfg.data["delivery"]["queue"]) / "spool"
-
-    def _prepare(self, cfg: config_mod.Config) -> None:
-        spool = self.spool_dir(cfg)
-        if spool.exists():  # leftovers of a crash: never acknowledged, safe to drop
-            shutil.rmtree(spool, ignore_errors=True)
-        spool.mkdir(parents=True, exist_ok=True)
+        return spool_dir(cfg)
 
     # --- listeners -----------------------------------------------------------------------------
 
@@ -100,11 +135,13 @@ class Server:
         """Open every listener; return the ready lines (``host:port (smtp|smtps)``)."""
         loop = asyncio.get_running_loop()
         server = self.config.server
-        reuse_port = server["workers"] > 1
+        worker = self.worker
+        reuse_port = worker is not None
+        listen = worker.listen if worker else server["listen"]
+        listen_tls = worker.listen_tls if worker else server["listen_tls"]
+        metrics_listen = worker.metrics_listen if worker else server["metrics_listen"]
         ready = []
-        for value, tls in [(v, False) for v in server["listen"]] + [
-            (v, True) for v in server["listen_tls"]
-        ]:
+        for value, tls in [(v, False) for v in listen] + [(v, True) for v in listen_tls]:
             host, port = parse_listen(value)
             try:
                 listener = await loop.create_server(
@@ -121,12 +158,12 @@ class Server:
                 addr = sock.getsockname()
                 shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
                 ready.append(f"{shown}:{addr[1]} ({'smtps' if tls else 'smtp'})")
-        if server["metrics_listen"]:
+        if metrics_listen:
             try:
-                http, where = await metrics.start_http(server["metrics_listen"])
+                http, where = await metrics.start_http(metrics_listen, all_workers=reuse_port)
             except OSError as exc:
                 await self.close_listeners()
-                raise IngressError(f"cannot listen on {server['metrics_listen']} (metrics): "
+                raise IngressError(f"cannot listen on {metrics_listen} (metrics): "
                                    f"{exc.strerror or exc}") from None
             self.listeners.append(http)
             ready.append(f"{where} (metrics)")
@@ -177,23 +214,34 @@ class Server:
                 log.warning("%d session(s) did not end", len(self.protocols))
 
 
-async def run(cfg: config_mod.Config, ready=print) -> int:
-    """Run until SIGTERM/SIGINT, then drain; SIGHUP reloads."""
+def print_lines(lines: list[str]) -> None:
+    for line in lines:
+        print(line, flush=True)
+
+
+async def run(cfg: config_mod.Config, ready=print_lines, worker: Worker | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain; SIGHUP reloads. A worker also stops when its
+    parent is gone. *ready* gets the list of ready lines."""
     raise_open_file_limit()
-    server = Server(cfg)
+    server = Server(cfg, worker)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # Handlers first: a signal sent as soon as the ready line is read must not kill us.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
+    if worker is not None:
+        loop.add_reader(worker.parent_fd, stop.set)
+        # The parent forks with these blocked; what arrived meanwhile is handled from now on.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     try:
-        for line in await server.start():
-            ready(f"ingress: listening on {line}")
+        ready([f"ingress: listening on {line}" for line in await server.start()])
         await stop.wait()
         log.info("shutting down")
         await server.drain(server.config.server["drain_seconds"])
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if worker is not None:
+            loop.remove_reader(worker.parent_fd)
     return 0

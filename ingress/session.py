@@ -7,6 +7,7 @@ not. Plugins keep their own per-session state in ``session.notes[<plugin name>]`
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import os
@@ -21,6 +22,14 @@ if TYPE_CHECKING:
 
 _ids = itertools.count(1)
 _PID = f"{os.getpid():x}"
+
+
+def _forked() -> None:
+    global _PID
+    _PID = f"{os.getpid():x}"
+
+
+os.register_at_fork(after_in_child=_forked)  # worker processes: ids stay unique
 
 
 def new_id() -> str:
@@ -69,7 +78,8 @@ class Session:
         self.local_ip: str = local[0] if local else ""
         self.local_port: int = local[1] if local else 0
         self.connected_at = time.time()
-        #: open connections on this server when this one was accepted (including this one)
+        #: open connections on this server (all its worker processes) when this one was
+        #: accepted, including this one
         self.connections = connections
         self.tls = tls
         self.counters: Counter[str] = Counter()
@@ -89,7 +99,7 @@ class Session:
     def directory(self) -> Directory:
         return self.config.directory
 
-    @property
+    @functools.cached_property
     def ip_literal(self) -> str:
         """The client IP as an address literal: ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``."""
         try:

@@ -121,15 +121,9 @@ class SMTPProtocol(AiosmtpdSMTP):
         self._counted = False  # this connection is in server.connections
         self._plain = not tls_listener  # no TLS layer (yet) between the socket and us
         self._handler_task: asyncio.Task | None = None
+        self._out: list[bytes] = []  # replies not yet handed to the transport (see _flush)
         self._on_command = self.hooks.has("on_command")
         self._on_reply = self.hooks.has("on_reply")
-        self._commands = {
-            "HELO": self.cmd_helo, "EHLO": self.cmd_helo, "MAIL": self.cmd_mail,
-            "RCPT": self.cmd_rcpt, "DATA": self.cmd_data, "RSET": self.cmd_rset,
-            "NOOP": self.cmd_noop, "QUIT": self.cmd_quit, "VRFY": self.cmd_vrfy,
-            "EXPN": self.cmd_expn, "HELP": self.cmd_help, "STARTTLS": self.cmd_starttls,
-            "AUTH": self.cmd_auth,
-        }
 
     # --- transport events -------------------------------------------------------------------
 
@@ -260,18 +254,33 @@ class SMTPProtocol(AiosmtpdSMTP):
             self._write(reply.wire())
         transport = self.transport
         if transport is not None and hard:
+            self._out.clear()
             transport.abort()
-        elif transport is not None and not transport.is_closing():
-            transport.close()
-            if transport.get_write_buffer_size():  # a client that reads nothing
-                self.loop.call_later(CLOSE_GRACE, transport.abort)
+        else:
+            self._close()  # hands over the collected replies first
+            if transport is not None and transport.get_write_buffer_size():
+                self.loop.call_later(CLOSE_GRACE, transport.abort)  # a client that reads nothing
         self._reader.feed_eof()
 
     # --- writing ------------------------------------------------------------------------------
+    # Replies are collected and handed to the transport in one write when the session is about
+    # to wait for input (or closes): pipelined commands get their replies in one segment, as
+    # RFC 2920 allows, and the common MAIL/RCPT/DATA burst costs one system call, not three.
 
     def _write(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(data)
+
+    def _close(self) -> None:
+        self._flush()
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+            self.transport.close()
 
     async def send(self, reply: Reply, plugin: str = "core") -> None:
         self._write(reply.wire())
@@ -287,6 +296,8 @@ class SMTPProtocol(AiosmtpdSMTP):
         if reply.close:
             self.abort(None)
             return
+        if len(self._out) > 64:  # a client pipelining without reading: hand over, then drain
+            self._flush()
         if self.transport is not None and self.transport.get_write_buffer_size() > READ_LIMIT:
             # The client is not reading our replies: wait for it, on the command timer.
             self._set_phase(INPUT)
@@ -316,8 +327,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         finally:
             self._cancel_timer()
             self._release()
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.close()
+            self._close()
             await self._end()
 
     async def _end(self) -> None:
@@ -356,6 +366,8 @@ class SMTPProtocol(AiosmtpdSMTP):
         if limit == COMMAND_LIMIT:
             self._set_phase(IDLE)
         reader = self._reader
+        if self._out and b"\n" not in reader._buffer:
+            self._flush()  # we are going to wait for the client
         try:
             line = await reader.readuntil(b"\n")
         except asyncio.IncompleteReadError:
@@ -404,7 +416,7 @@ class SMTPProtocol(AiosmtpdSMTP):
             if reply is not None:
                 await self.send(reply, plugin)
                 return
-        method = self._commands.get(verb)
+        method = COMMANDS.get(verb)
         if method is None or not verb.isalpha():
             if verb in ("TURN", "ETRN", "SEND", "SAML", "SOML", "BDAT", "ATRN"):
                 await self.send(Reply(502, "5.5.1", f"{verb} not implemented"))
@@ -412,7 +424,7 @@ class SMTPProtocol(AiosmtpdSMTP):
                 await self.send(R_SYNTAX)
             return
         self._verb = verb
-        await method(arg)
+        await method(self, arg)
 
     # --- commands -----------------------------------------------------------------------------
 
@@ -544,6 +556,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         """Stream the DATA body into *message*: dot-unstuffed, bare CR/LF made CRLF, strictly
         ended by CRLF.CRLF. Bytes the client pipelined after the end stay in the reader."""
         self._set_phase(INPUT)
+        self._flush()  # the 354 (and the replies pipelined before it)
         reader = self._reader
         pending = b"\r\n"  # the body starts at a line start; this CRLF is not stored
         first = True
@@ -566,7 +579,9 @@ class SMTPProtocol(AiosmtpdSMTP):
                 body, pending = buf[:cut], buf[cut:]
             if body:
                 body = body.replace(b"\r\n.", b"\r\n")
-                body = _BARE_CR_OR_LF.sub(b"\r\n", body)
+                crlf = body.count(b"\r\n")
+                if body.count(b"\r") != crlf or body.count(b"\n") != crlf:  # rare: regex
+                    body = _BARE_CR_OR_LF.sub(b"\r\n", body)
                 if first:
                     body, first = body[2:], False
                 message.write(body)
@@ -605,6 +620,7 @@ class SMTPProtocol(AiosmtpdSMTP):
             ",".join(f"<{r.address}>" for r in transaction.recipients), message.size,
         )
         await self.send(Reply(250, "2.0.0", f"OK: queued as {transaction.id}"))
+        self._flush()  # the client need not wait for what plugins do after delivery
         await self.hooks.collect("after_delivery", session=session, transaction=transaction,
                                  message=message, delivered=result)
 
@@ -635,7 +651,7 @@ class SMTPProtocol(AiosmtpdSMTP):
 
     async def cmd_help(self, arg: str) -> None:
         await self.send(Reply(214, "2.0.0", "See RFC 5321; commands: " + " ".join(
-            sorted(self._commands))))
+            sorted(COMMANDS))))
 
     async def cmd_vrfy(self, arg: str) -> None:
         if not arg:
@@ -669,6 +685,7 @@ class SMTPProtocol(AiosmtpdSMTP):
             await self.send(R_NEED_HELO)
             return
         self._write(Reply(220, "2.0.0", "Ready to start TLS").wire())
+        self._flush()
         # Whatever the client pipelined after STARTTLS in plaintext is discarded (RFC 3207 4.2;
         # cf. CVE-2021-38371, CVE-2024-34083): the reader is emptied before the handshake.
         self._reader._buffer.clear()
@@ -748,6 +765,15 @@ class SMTPProtocol(AiosmtpdSMTP):
             return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise AuthSyntaxError() from None
+
+
+COMMANDS = {
+    "HELO": SMTPProtocol.cmd_helo, "EHLO": SMTPProtocol.cmd_helo, "MAIL": SMTPProtocol.cmd_mail,
+    "RCPT": SMTPProtocol.cmd_rcpt, "DATA": SMTPProtocol.cmd_data, "RSET": SMTPProtocol.cmd_rset,
+    "NOOP": SMTPProtocol.cmd_noop, "QUIT": SMTPProtocol.cmd_quit, "VRFY": SMTPProtocol.cmd_vrfy,
+    "EXPN": SMTPProtocol.cmd_expn, "HELP": SMTPProtocol.cmd_help,
+    "STARTTLS": SMTPProtocol.cmd_starttls, "AUTH": SMTPProtocol.cmd_auth,
+}
 
 
 class _Gone(Exception):

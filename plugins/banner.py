@@ -16,16 +16,22 @@ def config_schema():
     return ingress_schemas.load("banner")
 
 
+_MACROS = {
+    "#HostName#": lambda session, now: session.hostname,
+    "#ConnectedIP#": lambda session, now: session.peer_ip,
+    "#Time#": lambda session, now: format_datetime(datetime.fromtimestamp(now).astimezone()),
+    "#TimeUTC#": lambda session, now: format_datetime(datetime.fromtimestamp(now, timezone.utc)),
+    "#UnixTime#": lambda session, now: str(int(now)),
+}
+_MACRO = re.compile("|".join(map(re.escape, _MACROS)))
+
+
 def expand(text: str, session) -> str:
+    # Runs for every connection: only the macros present in the text are computed.
+    if "#" not in text:
+        return text
     now = time.time()
-    values = {
-        "#HostName#": session.hostname,
-        "#ConnectedIP#": session.peer_ip,
-        "#Time#": format_datetime(datetime.fromtimestamp(now).astimezone()),
-        "#TimeUTC#": format_datetime(datetime.fromtimestamp(now, timezone.utc)),
-        "#UnixTime#": str(int(now)),
-    }
-    return re.sub("|".join(map(re.escape, values)), lambda m: values[m.group(0)], text)
+    return _MACRO.sub(lambda m: _MACROS[m.group(0)](session, now), text)
 
 
 @hookimpl

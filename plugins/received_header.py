@@ -3,6 +3,8 @@ one when the message has no Received header at all."""
 
 from __future__ import annotations
 
+import functools
+import time
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
@@ -15,11 +17,17 @@ def config_schema():
     return ingress_schemas.load("received_header")
 
 
+@functools.lru_cache(maxsize=2)
+def _date(second: int) -> str:
+    """The RFC 5322 date of a second (formatting it is dear; it changes once a second)."""
+    return format_datetime(datetime.fromtimestamp(second, timezone.utc))
+
+
 def received(session, transaction) -> str:
     rcpt = ""
     if len(transaction.recipients) == 1:
         rcpt = f" for <{transaction.recipients[0].address}>"
-    date = format_datetime(datetime.now(timezone.utc))
+    date = _date(int(time.time()))
     return (f"from {session.helo} ({session.ip_literal}) by {session.hostname} "
             f"with {session.protocol} id {transaction.id}{rcpt}; {date}")
 

@@ -7,7 +7,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ingress.delivery.maildir import fsync_dir, remove_quietly, write_file
+from ingress.delivery.maildir import remove_quietly, sync_dir, write_file
 
 
 def envelope(session, transaction, recipients, generated: bool = False) -> dict:
@@ -50,7 +50,7 @@ def enqueue(root: Path, queue_id: str, header: bytes, message, env: dict) -> lis
         done.append(str(eml))
         os.rename(json_tmp, meta)
         done.append(str(meta))
-        fsync_dir(root)
+        sync_dir(root)
     except BaseException:
         remove_quietly(done + [str(eml_tmp), str(json_tmp)])
         raise

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
+import io
 import json
+import logging
+import re
 import subprocess
 import sys
 
@@ -229,3 +234,65 @@ def test_entry_point_with_a_builtin_name_is_refused_when_configured(tmp_path):
     result = ingress("check-config", str(path), env=env)
     assert result.returncode == 2
     assert "has the name of a builtin plugin" in result.stderr
+
+
+class CountingStream(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text):
+        self.writes += 1
+        return super().write(text)
+
+
+def test_log_lines_of_one_loop_iteration_are_written_together_and_in_order():
+    from ingress.cli import BatchingHandler, TextFormatter
+
+    stream = CountingStream()
+    handler = BatchingHandler(stream)
+    handler.setFormatter(TextFormatter("%(asctime)s %(message)s"))
+    logger = logging.getLogger("ingress.test-batching")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+
+    async def main():
+        for i in range(3):
+            logger.info("line %d", i)
+        assert stream.writes == 1, "nothing written inside the iteration"
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert stream.writes == 2, "the three lines in one write"
+        logger.info("line 3")
+
+    try:
+        logger.info("before the loop")
+        assert stream.writes == 1, "outside a loop a line is written at once"
+        asyncio.run(main())
+        handler.flush()
+        logger.info("after the loop")
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" ", 2)[2] for line in lines] == [
+        "before the loop", "line 0", "line 1", "line 2", "line 3", "after the loop"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", " ".join(
+        lines[0].split(" ")[:2]))
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-uvloop",)])
+def test_serve_uses_uvloop_when_installed_unless_told_not_to(tmp_path, flags):
+    from ingress.testing import server_config, start_subprocess
+
+    expected = "uvloop" if importlib.util.find_spec("uvloop") and not flags else "asyncio"
+    config = server_config(tmp_path, {"directory": {"domains": ["example.test"], "users": [
+        {"address": "alice@example.test", "password": "pw"}]}})
+    server = start_subprocess(config, tmp_path, args=flags)
+    try:
+        with server.smtp() as client:
+            client.sendmail("s@example.org", ["alice@example.test"], "Subject: s\r\n\r\nx\r\n")
+        assert len(server.mailbox("alice@example.test")) == 1
+    finally:
+        assert server.stop() == 0
+    assert f"event loop: {expected}" in server.log()

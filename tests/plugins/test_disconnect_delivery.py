@@ -106,8 +106,14 @@ def test_enabled_delivers_exactly_once(ingress_server, client, how):
     assert delivered(server, b"rude") == (1, 1)
 
 
-@pytest.mark.parametrize("how", HOWS)
-@pytest.mark.parametrize("client", CLIENTS)
+# A client can only reset (RST) once the server's kernel has acknowledged its data, so a PHP-style
+# client that sends the body and then resets races the server storing the message: if the store
+# wins, the message was stored before the end of stream and stays (the contract's "one already
+# stored stays"). That case cannot promise a discard, so it is not asserted here.
+OFF_CASES = [(client, how) for client in CLIENTS for how in HOWS if (client, how) != ("php", "rst")]
+
+
+@pytest.mark.parametrize("client,how", OFF_CASES)
 @pytest.mark.parametrize("enabled,disabled", [(False, ()), (True, ("disconnect_delivery",))])
 def test_off_discards_the_message(ingress_server, client, how, enabled, disabled):
     server = ingress_server(config(enabled), disabled=disabled)

@@ -1,0 +1,302 @@
+"""``server.workers = N``: N processes sharing the listeners through SO_REUSEPORT. Private.
+
+The parent loads and validates the config, empties the spool and reserves every listener: a
+socket bound with SO_REUSEPORT that never listens fixes a port given as 0 and turns a port taken
+by someone else into an error before anything starts. Then it forks the workers. Each runs the
+ordinary server (:func:`ingress.server.run`) with its own listening sockets on those ports; the
+kernel spreads new connections over them. The parent only supervises:
+
+- it prints the ready lines once, when every worker listens;
+- SIGHUP is forwarded to every worker, each reloads (the parent reloads too, for the workers it
+  may start later); SIGTERM/SIGINT are forwarded, and the parent exits 0 once every worker has
+  drained and exited 0;
+- a worker that dies is started again; the parent gives up after repeated failures at start.
+  A worker whose parent is gone drains and exits.
+
+Limits stay global: each worker writes its number of open connections into its slot of a shared
+array, and ``Server.connections`` is the sum. Metrics: prometheus_client multiprocess mode, with
+worker 0 serving ``/metrics`` for all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from multiprocessing.connection import wait
+from pathlib import Path
+
+from ingress import config as config_mod
+from ingress.errors import IngressError
+
+log = logging.getLogger("ingress.workers")
+
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+QUICK_DEATH = 5.0  # a worker dying sooner than this after its start counts as a failed start
+FAILED_STARTS = 5  # consecutive failed starts after which the parent gives up
+KILL_GRACE = 30.0  # seconds past drain_seconds before the parent kills a worker still running
+
+
+def wanted(path: str | None) -> int:
+    """``server.workers`` as written in the config file, read before the real load (which has
+    to come after :func:`use_multiprocess_metrics`). Anything odd counts as 1; the real load
+    reports it."""
+    if path is None:
+        return 1
+    try:
+        raw = config_mod.read_file(Path(path))
+    except IngressError:
+        return 1
+    server = raw.get("server") if isinstance(raw, dict) else None
+    value = server.get("workers", 1) if isinstance(server, dict) else 1
+    return value if type(value) is int and value > 1 else 1
+
+
+def use_multiprocess_metrics() -> str:
+    """Put prometheus_client into multiprocess mode with a fresh private folder. Must run before
+    prometheus_client is first imported (it reads the variable at import)."""
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before multiprocess mode was set")
+    path = tempfile.mkdtemp(prefix="ingress-metrics-")
+    os.environ[METRICS_ENV] = path
+    return path
+
+
+def reserve(value: str) -> tuple[socket.socket, str]:
+    """Bind (never listen) a SO_REUSEPORT socket on *value*; return it and ``host:port``."""
+    from ingress.server import parse_listen
+
+    host, port = parse_listen(value)
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise IngressError(f"cannot listen on {value}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise IngressError(f"cannot listen on {value}: {exc.strerror or exc}") from None
+    shown = f"[{host}]" if ":" in host else host
+    return sock, f"{shown}:{sock.getsockname()[1]}"
+
+
+class Supervisor:
+    def __init__(self, cfg: config_mod.Config, runner, metrics_dir: str | None):
+        from ingress import server as server_mod
+
+        server_mod.tls_context(cfg)  # a bad certificate is an error here, not in N workers
+        server_mod.prepare_spool(cfg)
+        self.cfg = cfg
+        self.runner = runner  # runner(coroutine) runs it on a fresh event loop
+        self.metrics_dir = metrics_dir
+        self.count = cfg.server["workers"]
+        self.context = multiprocessing.get_context("fork")
+        self.open_connections = self.context.RawArray("q", self.count)
+        self.processes: list = [None] * self.count
+        self.started_at = [0.0] * self.count
+        self.failed_starts = 0
+        self.exit_codes: dict[int, int] = {}
+        self.stopping = False
+        self.deadline = 0.0
+        self.placeholders: list[socket.socket] = []
+        self.alive_r, self.alive_w = os.pipe()  # never written: EOF tells workers we are gone
+        self.ready_r, self.ready_w = os.pipe()  # workers report "listening" or their error
+        self.wake_r, self.wake_w = socket.socketpair()  # signal numbers (set_wakeup_fd)
+        for sock in (self.wake_r, self.wake_w):
+            sock.setblocking(False)
+
+    # --- the workers -----------------------------------------------------------------------
+
+    def _reserve(self, values: list[str]) -> list[str]:
+        resolved = []
+        for value in values:
+            sock, where = reserve(value)
+            self.placeholders.append(sock)
+            resolved.append(where)
+        return resolved
+
+    def _worker(self, slot: int):
+        from ingress.server import Worker
+
+        return Worker(slot, self.listen, self.listen_tls, self.metrics_listen if slot == 0 else "",
+                      self.open_connections, self.alive_r)
+
+    def start(self, slot: int) -> None:
+        self.open_connections[slot] = 0
+        worker = self._worker(slot)
+        process = self.context.Process(target=self._child, args=(slot, self.cfg, worker),
+                                       name=f"ingress-worker-{slot}")
+        # Signals stay blocked in the child until its event loop handles them (server.run).
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        self.processes[slot] = process
+        self.started_at[slot] = time.monotonic()
+
+    def _child(self, slot: int, cfg: config_mod.Config, worker) -> None:
+        from ingress.server import run
+
+        signal.set_wakeup_fd(-1)
+        for sig in SIGNALS:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
+                          else signal.SIG_DFL)
+        for sock in (*self.placeholders, self.wake_r, self.wake_w):
+            sock.close()
+        os.close(self.alive_w)
+        os.close(self.ready_r)
+
+        def ready(lines: list[str]) -> None:
+            self._report({"slot": slot, "lines": lines})
+
+        code = 1
+        try:
+            code = self.runner(run(cfg, ready, worker))
+        except IngressError as exc:
+            self._report({"slot": slot, "error": exc.lines, "code": exc.exit_code})
+            code = exc.exit_code
+        finally:
+            logging.shutdown()  # the process ends with os._exit: flush the log lines now
+        sys.exit(code)
+
+    def _report(self, message: dict) -> None:
+        os.write(self.ready_w, (json.dumps(message) + "\n").encode())
+
+    def _ended(self, slot: int) -> None:
+        process = self.processes[slot]
+        process.join()
+        self.processes[slot] = None
+        self.open_connections[slot] = 0
+        if self.metrics_dir:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(process.pid, self.metrics_dir)
+        self.exit_codes[slot] = process.exitcode
+        if self.stopping:
+            return
+        lived = time.monotonic() - self.started_at[slot]
+        self.failed_starts = self.failed_starts + 1 if lived < QUICK_DEATH else 0
+        log.error("worker %d (pid %d) exited with %s after %.1fs", slot, process.pid,
+                  process.exitcode, lived)
+        if self.failed_starts >= FAILED_STARTS:
+            log.error("workers keep failing at start; stopping")
+            self.stop()
+            self.exit_codes[slot] = process.exitcode or 1
+            return
+        self.start(slot)
+
+    # --- signals -----------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        try:
+            cfg = config_mod.load(self.cfg.path)
+        except IngressError:
+            pass  # every worker logs why and keeps its config; so does the parent
+        else:
+            if cfg.server["workers"] != self.count:
+                log.warning("reload: a change of server.workers takes effect at the next restart")
+            self.cfg = cfg
+        for process in self.processes:
+            if process is not None:
+                os.kill(process.pid, signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.deadline = time.monotonic() + self.cfg.server["drain_seconds"] + KILL_GRACE
+        for process in self.processes:
+            if process is not None:
+                os.kill(process.pid, signal.SIGTERM)
+
+    # --- the parent's loop -------------------------------------------------------------------
+
+    def serve(self, ready) -> int:
+        server = self.cfg.server
+        previous = {sig: signal.signal(sig, lambda *_: None) for sig in SIGNALS}
+        old_wakeup = signal.set_wakeup_fd(self.wake_w.fileno())
+        try:
+            self.listen = self._reserve(server["listen"])
+            self.listen_tls = self._reserve(server["listen_tls"])
+            self.metrics_listen = self._reserve([server["metrics_listen"]])[0] if (
+                server["metrics_listen"]) else ""
+            for slot in range(self.count):
+                self.start(slot)
+            log.info("started %d workers", self.count)
+            return self._loop(ready)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for sock in (*self.placeholders, self.wake_r, self.wake_w):
+                sock.close()
+            for fd in (self.alive_r, self.alive_w, self.ready_r, self.ready_w):
+                os.close(fd)
+
+    def _loop(self, ready) -> int:
+        listening: dict[int, list[str]] = {}
+        buffer = b""
+        announced = False
+        while True:
+            alive = {p.sentinel: slot for slot, p in enumerate(self.processes) if p is not None}
+            if self.stopping and not alive:
+                break
+            if self.stopping and time.monotonic() > self.deadline:
+                for process in self.processes:
+                    if process is not None:
+                        log.error("worker pid %d did not stop; killing it", process.pid)
+                        process.kill()
+                self.deadline = float("inf")
+            for obj in wait([self.ready_r, self.wake_r, *alive], timeout=1.0):
+                if obj == self.ready_r:
+                    buffer += os.read(self.ready_r, 65536)
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        message = json.loads(line)
+                        if "error" in message:
+                            for text in message["error"]:
+                                print(text, file=sys.stderr, flush=True)
+                            if not announced:
+                                self.stop()
+                                self.exit_codes[-1] = message["code"]
+                        else:
+                            listening[message["slot"]] = message["lines"]
+                elif obj is self.wake_r:
+                    for signum in self._signals():
+                        if signum == signal.SIGHUP:
+                            self.reload()
+                        else:
+                            self.stop()
+                else:
+                    self._ended(alive[obj])
+            if not announced and len(listening) == self.count and not self.stopping:
+                ready(listening[0])
+                announced = True
+        return 0 if all(code == 0 for code in self.exit_codes.values()) else (
+            self.exit_codes.get(-1) or 1)
+
+    def _signals(self) -> list[int]:
+        try:
+            return list(self.wake_r.recv(64))
+        except BlockingIOError:
+            return []
+
+
+def serve(cfg: config_mod.Config, ready, runner, metrics_dir: str | None) -> int:
+    """Run ``cfg.server["workers"]`` worker processes until SIGTERM/SIGINT; return the exit
+    status. *ready* gets the ready lines once; *runner* runs a coroutine on a new event loop."""
+    return Supervisor(cfg, runner, metrics_dir).serve(ready)
