@@ -39,16 +39,108 @@ class Failed(Exception):
     pass
 
 
+class Connection(asyncio.Protocol):
+    """One SMTP client connection driven by the replies it receives: no coroutine, task or
+    timer per command, so that the client spends as little CPU per message as it can (it
+    shares the machine with the server it measures). MAIL, RCPT and DATA go in one write."""
+
+    def __init__(self, load: "Load", seq: int):
+        self.load = load
+        self.seq: int | None = seq  # message being sent; None once the count is used up
+        self.done = load.loop.create_future()  # result: the sequence number taken, not sent
+        self.transport = None
+        self.buffer = b""
+        self.expect: list[int] = [220]  # codes of the replies still awaited, in order
+        self.then = self.ehlo  # called once every awaited reply has come
+        self.started = time.perf_counter()
+        self.sent = 0.0
+        self.active = self.started  # last reply; the watchdog cuts connections silent too long
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while self.expect:
+            end = self.buffer.find(b"\n")
+            if end < 0:
+                return
+            line, self.buffer = self.buffer[:end + 1], self.buffer[end + 1:]
+            if line[3:4] == b"-":
+                continue
+            self.active = time.perf_counter()
+            expected = self.expect.pop(0)
+            if line[:3] != b"%d" % expected:
+                self.finish(Failed(line.decode(errors="replace").strip()))
+                return
+            if not self.expect:
+                self.then()
+
+    def connection_lost(self, exc) -> None:
+        self.finish(Failed(f"connection closed: {exc}"))
+
+    def send(self, data: bytes, expect: list[int], then) -> None:
+        self.expect = expect
+        self.then = then
+        self.transport.write(data)
+
+    def ehlo(self) -> None:
+        self.send(b"EHLO client.test\r\n", [250], self.message)
+
+    def message(self) -> None:
+        load = self.load
+        rcpt_index = self.seq % len(load.recipients)
+        self.sent = time.perf_counter()
+        self.send(b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n" % (
+            load.sender, load.recipients[rcpt_index]), [250, 250, 354], self.body)
+
+    def body(self) -> None:
+        head, rest = self.load.parts[self.seq % len(self.load.recipients)]
+        self.send(head + b"%07d" % self.seq + rest + b".\r\n", [250], self.acked)
+
+    def acked(self) -> None:
+        load = self.load
+        load.acked.append(self.seq)
+        if load.args.mode == "many":
+            load.latencies.append(time.perf_counter() - self.sent)
+            self.seq = load.take()
+            if self.seq is not None:
+                self.message()
+                return
+        else:
+            self.seq = None
+        self.send(b"QUIT\r\n", [221], self.quit)
+
+    def quit(self) -> None:
+        if self.load.args.mode == "one":
+            self.load.latencies.append(time.perf_counter() - self.started)
+        self.finish(None)
+
+    def finish(self, error: Exception | None) -> None:
+        if self.done.done():
+            return
+        if error is not None:
+            self.load.fail(f"{type(error).__name__}: {error}")
+            self.seq = None  # the message that failed is not retried
+        self.done.set_result(self.seq)
+        if self.transport is not None:
+            self.transport.close()
+
+
 class Load:
     def __init__(self, args):
         self.args = args
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.next_seq = 0
         self.acked: list[int] = []
         self.failed = 0
         self.errors: dict[str, int] = {}
         self.latencies: list[float] = []
-        self.recipients = [f"user{i}@{args.domain}" for i in range(args.users)]
-        self.parts = [message_parts(args.size, args.sender, r) for r in self.recipients]
+        self.sender = args.sender.encode()
+        addresses = [f"user{i}@{args.domain}" for i in range(args.users)]
+        self.recipients = [a.encode() for a in addresses]
+        self.parts = [message_parts(args.size, args.sender, a) for a in addresses]
+        self.open: set[Connection] = set()
 
     def take(self) -> int | None:
         if self.next_seq >= self.args.messages:
@@ -60,68 +152,44 @@ class Load:
         self.failed += 1
         self.errors[why[:60]] = self.errors.get(why[:60], 0) + 1
 
-    async def reply(self, reader: asyncio.StreamReader, expect: int) -> None:
-        while True:
-            line = await asyncio.wait_for(reader.readline(), TIMEOUT)
-            if len(line) < 4:
-                raise Failed(f"connection closed or bad reply {line!r}")
-            if line[3:4] != b"-":
-                break
-        if int(line[:3]) != expect:
-            raise Failed(line.decode(errors="replace").strip())
-
-    async def send_message(self, reader, writer, seq: int) -> None:
-        rcpt_index = seq % len(self.recipients)
-        head, rest = self.parts[rcpt_index]
-        writer.write(b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n" % (
-            self.args.sender.encode(), self.recipients[rcpt_index].encode()))
-        await self.reply(reader, 250)
-        await self.reply(reader, 250)
-        await self.reply(reader, 354)
-        writer.write(head + b"%07d" % seq + rest + b".\r\n")
-        await writer.drain()
-        await self.reply(reader, 250)
-        self.acked.append(seq)
-
     async def connection(self, first: int) -> int | None:
         """One connection: the message *first* and, in mode many, more. Returns the sequence
         number taken but not sent (None when the count is used up)."""
-        started = time.perf_counter()
-        seq: int | None = first
-        writer = None
+        conn = Connection(self, first)
+        self.open.add(conn)
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.args.host, self.args.port), TIMEOUT)
-            await self.reply(reader, 220)
-            writer.write(b"EHLO client.test\r\n")
-            await self.reply(reader, 250)
-            while seq is not None:
-                sent = time.perf_counter()
-                await self.send_message(reader, writer, seq)
-                if self.args.mode == "one":
-                    seq = None
-                    break
-                self.latencies.append(time.perf_counter() - sent)
-                seq = self.take()
-            writer.write(b"QUIT\r\n")
-            await self.reply(reader, 221)
-            if self.args.mode == "one":
-                self.latencies.append(time.perf_counter() - started)
-        except (Failed, OSError, asyncio.TimeoutError) as exc:
-            self.fail(f"{type(exc).__name__}: {exc}")
-            seq = None  # the message that failed is not retried
+            await asyncio.wait_for(self.loop.create_connection(
+                lambda: conn, self.args.host, self.args.port), TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            conn.finish(exc)
+        try:
+            return await conn.done
         finally:
-            if writer is not None:
-                writer.close()
-        return seq
+            self.open.discard(conn)
+
+    async def watchdog(self) -> None:
+        """Fail connections that have waited for a reply longer than TIMEOUT."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.perf_counter()
+            for conn in list(self.open):
+                if now - conn.active > TIMEOUT:
+                    conn.finish(Failed(f"no reply within {TIMEOUT:.0f}s"))
 
     async def worker(self) -> None:
-        while (seq := self.take()) is not None:
-            await self.connection(seq)
+        seq = self.take()
+        while seq is not None:
+            left = await self.connection(seq)
+            seq = left if left is not None else self.take()
 
     async def run(self) -> dict:
+        self.loop = asyncio.get_running_loop()
+        watchdog = asyncio.ensure_future(self.watchdog())
         started = time.perf_counter()
-        await asyncio.gather(*(self.worker() for _ in range(self.args.sessions)))
+        try:
+            await asyncio.gather(*(self.worker() for _ in range(self.args.sessions)))
+        finally:
+            watchdog.cancel()
         elapsed = time.perf_counter() - started
         lat = sorted(self.latencies)
 
