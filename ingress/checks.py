@@ -11,33 +11,37 @@ CORE_PARAMETERS = {"MAIL": {"BODY", "SIZE"}, "RCPT": set()}
 BODY_VALUES = {"7BIT", "8BITMIME"}
 
 
-async def _known(session, verb: str) -> set[str]:
-    cache = session.notes.setdefault("params", {})
-    if verb not in cache:
-        names = set(CORE_PARAMETERS[verb])
-        for _, found in await session.config.hooks.collect("esmtp_parameters", session=session,
-                                                           verb=verb):
-            names.update(n.upper() for n in found)
-        cache[verb] = names
-    return cache[verb]
+def _when_known(session, verb: str, check, *args):
+    """``check(session, known_names, *args)`` once the parameter names of *verb* are known: at
+    once when this session has already asked the plugins (the common case, no coroutine), else
+    an awaitable that asks them first (the core awaits what a hook returns)."""
+    known = session.notes.get("params", {}).get(verb)
+    if known is not None:
+        return check(session, known, *args)
+    return _learn(session, verb, check, *args)
 
 
-async def _check(session, verb: str, params: dict, error: str | None) -> Reply | None:
-    if error:
-        return Reply(501, "5.5.4", error)
-    known = await _known(session, verb)
+async def _learn(session, verb: str, check, *args):
+    names = set(CORE_PARAMETERS[verb])
+    for _, found in await session.config.hooks.collect("esmtp_parameters", session=session,
+                                                       verb=verb):
+        names.update(n.upper() for n in found)
+    session.notes.setdefault("params", {})[verb] = names
+    return check(session, names, *args)
+
+
+def _unknown(verb: str, params: dict, known: set[str]) -> Reply | None:
     for name in params:
         if name not in known:
             return Reply(555, "5.5.4", f"{verb} parameter {name} not supported")
     return None
 
 
-@hookimpl
-async def on_mail_from(session, transaction):
-    reply = await _check(session, "MAIL", transaction.mail_params, transaction.param_error)
+def _check_mail(session, known: set[str], transaction) -> Reply | None:
+    params = transaction.mail_params
+    reply = _unknown("MAIL", params, known)
     if reply is not None:
         return reply
-    params = transaction.mail_params
     if "BODY" in params and (params["BODY"] or "").upper() not in BODY_VALUES:
         return Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
     if "SIZE" in params and not (params["SIZE"] or "").isdigit():
@@ -45,9 +49,22 @@ async def on_mail_from(session, transaction):
     return None
 
 
+def _check_rcpt(session, known: set[str], recipient) -> Reply | None:
+    return _unknown("RCPT", recipient.params, known)
+
+
 @hookimpl
-async def on_rcpt(session, recipient):
-    return await _check(session, "RCPT", recipient.params, recipient.param_error)
+def on_mail_from(session, transaction):
+    if transaction.param_error:
+        return Reply(501, "5.5.4", transaction.param_error)
+    return _when_known(session, "MAIL", _check_mail, transaction)
+
+
+@hookimpl
+def on_rcpt(session, recipient):
+    if recipient.param_error:
+        return Reply(501, "5.5.4", recipient.param_error)
+    return _when_known(session, "RCPT", _check_rcpt, recipient)
 
 
 class Mailbox:

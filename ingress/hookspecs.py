@@ -7,7 +7,8 @@ How hooks are called
 * Every hook receives ``settings``: the plugin's own config section (``[plugins.<name>]``), already
   validated and defaulted. A hook implementation may declare any subset of the arguments.
 * Any implementation may be ``async def``; the core awaits it. Plain functions are called without
-  creating a coroutine.
+  creating a coroutine. A plain function that only sometimes has to wait may return an awaitable
+  (e.g. a coroutine) in those cases; the core awaits it like an ``async def`` result.
 * **Decision hooks** (``on_*`` below, unless said otherwise) return ``None`` to let the next plugin
   decide, or a :class:`ingress.Reply`. The core calls the implementations one at a time and stops at
   the first ``Reply``; it remembers which plugin gave it (logs, metrics).

@@ -137,7 +137,7 @@ def wants_success(session, recipient) -> bool:
 
 
 @hookimpl
-async def after_delivery(session, transaction, message, settings):
+def after_delivery(session, transaction, message, settings):
     if not settings["enabled"] or not transaction.mail_from:  # never to the null sender
         return
     recipients = [r for r in transaction.recipients if wants_success(session, r)]
@@ -150,6 +150,10 @@ async def after_delivery(session, transaction, message, settings):
                  sender)
         return
     report = success_report(session, transaction, message, recipients)
+    return store_report(session, transaction, sender, report)  # awaited by the core
+
+
+async def store_report(session, transaction, sender: str, report) -> None:
     stored = await asyncio.to_thread(store_generated, session, "", sender, report)
     log.info("queue id %s: success DSN %s to <%s>", transaction.id, stored.queue_id, sender)
 

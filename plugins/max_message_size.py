@@ -56,7 +56,7 @@ def on_mail_from(transaction, settings):
 
 
 @hookimpl
-async def on_data(message, settings):
+def on_data(message, settings):
     if message.oversized or message.size > raw_limit(settings):
         return TOO_BIG
     limit = settings["kb"] * 1024
@@ -65,10 +65,13 @@ async def on_data(message, settings):
     if not settings["base64_allowance"]:
         return TOO_BIG
     if message.in_memory:
-        measured = measure(message)
-    else:  # reading a big spool file must not stall the other sessions
-        measured = await asyncio.to_thread(measure, message)
-    return TOO_BIG if measured > limit else None
+        return TOO_BIG if measure(message) > limit else None
+    return measure_spooled(message, limit)  # awaited by the core
+
+
+async def measure_spooled(message, limit: int):
+    """Reading a big spool file must not stall the other sessions: measure in a thread."""
+    return TOO_BIG if await asyncio.to_thread(measure, message) > limit else None
 
 
 def measure(message) -> int:
