@@ -3,12 +3,12 @@ for 100 KB messages, for servers that hold each message whole in memory ("before
 ingress as it is ("after"), all run the same way in the same run.
 
     python bench/streaming.py [--messages 1000] [--sessions 8] [--big-mb 200] [--repeat 5]
-                              [--out bench/RESULTS-streaming.md]
+                              [--workdir DIR]     # prints a Markdown table at the end
 
 Servers (each a subprocess, Maildir on the same disk, every message fsynced before its 250):
 
-- ``aiosmtpd``: a bare aiosmtpd handler writing the same Maildir with the same fsyncs
-  (bench/aiosmtpd_maildir.py);
+- ``aiosmtpd``: the baseline of bench/run.py, a bare aiosmtpd handler writing the same Maildir
+  with the same fsyncs (bench/baseline.py);
 - ``ingress-in-memory``: ingress with its spool threshold raised to 1 TB, so every message is
   kept in memory (bench/serve_in_memory.py);
 - ``ingress``: ingress as it is (1 MB in memory, then the spool file);
@@ -61,7 +61,8 @@ def commands(work: Path) -> dict[str, list[str]]:
     cfg = str(ingress_config(work))
     in_memory = str(HERE / "serve_in_memory.py")
     return {
-        "aiosmtpd": [py, str(HERE / "aiosmtpd_maildir.py"), str(work / "mail")],
+        "aiosmtpd": [py, str(HERE / "baseline.py"), "--maildir", str(work / "mail"),
+                     "--domain", "bench.test", "--users", "1"],
         "ingress-in-memory": [py, in_memory, str(1 << 40), "serve", "--config", cfg],
         "ingress": [py, "-m", "ingress", "serve", "--config", cfg],
         "ingress-spool-all": [py, in_memory, "0", "serve", "--config", cfg],
@@ -108,7 +109,7 @@ def big_message(sock, size: int) -> tuple[bytes, float]:
     try:
         reply()
         for command in (b"EHLO bench.client", b"MAIL FROM:<sender@bench.test>",
-                        b"RCPT TO:<big@bench.test>", b"DATA"):
+                        b"RCPT TO:<user0@bench.test>", b"DATA"):
             sock.sendall(command + b"\r\n")
             reply()
         started = time.perf_counter()
@@ -160,7 +161,7 @@ def throughput(server: Server, messages: int, sessions: int, work: Path) -> floa
     before = count_messages(work)
     started = time.perf_counter()
     subprocess.run([tool, "-s", str(sessions), "-m", str(messages), "-l", "102400",
-                    "-f", "sender@bench.test", "-t", "user@bench.test",
+                    "-f", "sender@bench.test", "-t", "user0@bench.test",
                     f"127.0.0.1:{server.port}"], check=True)
     elapsed = time.perf_counter() - started
     stored = count_messages(work) - before
@@ -170,7 +171,7 @@ def throughput(server: Server, messages: int, sessions: int, work: Path) -> floa
 
 
 def count_messages(work: Path) -> int:
-    new = work / "mail" / "bench.test" / "user" / "new"
+    new = work / "mail" / "bench.test" / "user0" / "new"
     return sum(1 for _ in new.iterdir()) if new.is_dir() else 0
 
 

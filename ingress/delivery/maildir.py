@@ -158,6 +158,17 @@ def deliver(root: Path, mailboxes: list[tuple[str, str]], header: bytes, message
     boxes = [root / domain / local for domain, local in mailboxes]
     for box in boxes:
         ensure_maildir(box)
+    try:
+        return deliver_into(boxes, header, message, hostname)
+    except FileNotFoundError:
+        # A mailbox removed while we run (by hand, by a cleanup job): make it again, once.
+        for box in boxes:
+            _created.discard(box)
+            ensure_maildir(box)
+        return deliver_into(boxes, header, message, hostname)
+
+
+def deliver_into(boxes: list[Path], header: bytes, message, hostname: str) -> list[str]:
     name = unique_name(hostname)
     tmp = boxes[0] / "tmp" / name
     finals: list[str] = []

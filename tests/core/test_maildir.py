@@ -167,3 +167,17 @@ def test_one_file_with_the_header_first_linked_into_every_mailbox(tmp_path, size
     with open(paths[0], "rb") as f:
         assert f.read() == b"Return-Path: <s@example.org>\r\n" + body
     assert not list((tmp_path / "mail").glob("*/*/tmp/*"))
+
+
+def test_a_mailbox_removed_while_the_server_runs_is_made_again(ingress_inprocess_server):
+    import shutil
+
+    server = ingress_inprocess_server(CONFIG)
+    box = server.maildir / "example.test" / "u0"
+    with smtplib.SMTP(server.host, server.port, timeout=30) as client:
+        client.sendmail("s@example.org", ["u0@example.test"], "Subject: one\r\n\r\nx\r\n")
+        shutil.rmtree(box)
+        client.sendmail("s@example.org", ["u0@example.test"], "Subject: two\r\n\r\nx\r\n")
+    stored = list((box / "new").iterdir())
+    assert len(stored) == 1 and b"Subject: two\r\n" in stored[0].read_bytes()
+    assert sorted(p.name for p in box.iterdir()) == ["cur", "new", "tmp"]
