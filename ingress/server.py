@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import shutil
 import signal
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,93 @@ def prepare_spool(cfg: config_mod.Config) -> None:
     if spool.exists():  # leftovers of a crash: never acknowledged, safe to drop
         shutil.rmtree(spool, ignore_errors=True)
     spool.mkdir(parents=True, exist_ok=True)
+
+
+ACCEPT_BATCH = 64  # connections taken per readiness event: one busy listener cannot hog the loop
+ACCEPT_PAUSE = 1.0  # seconds without accepting after running out of file descriptors or memory
+HANDSHAKE_SECONDS = 60  # implicit TLS: a client must finish its handshake within this
+
+
+def bind_socket(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
+    """Sockets bound to *host*:*port* (every address of *host*; all interfaces when empty),
+    not yet listening."""
+    sockets = []
+    try:
+        for family, kind, proto, _, addr in socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class Listener:
+    """A listening socket whose connections the server accepts itself.
+
+    The peer address comes from ``accept()``. uvloop would ask ``getpeername()`` later, which
+    fails once the client has reset: a client that sends its whole session in one write and
+    resets would be served without an IP (no IP checks, no IP in logs and Received)."""
+
+    def __init__(self, server: Server, sock: socket.socket, tls: bool):
+        self.server = server
+        self.sock = sock
+        self.tls = tls
+        self.loop = asyncio.get_running_loop()
+        self.sockets = [sock]
+        sock.listen(1024)
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                log.error("cannot accept connections: %s; trying again in %gs",
+                          exc.strerror, ACCEPT_PAUSE)
+                self.loop.remove_reader(self.sock.fileno())
+                self.loop.call_later(ACCEPT_PAUSE, self._resume)
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.loop.create_task(self._start(conn, peer))
+
+    def _resume(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    async def _start(self, conn: socket.socket, peer: tuple) -> None:
+        server = self.server
+        try:
+            local = conn.getsockname()
+        except OSError:
+            local = self.sock.getsockname()
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: SMTPProtocol(server, tls_listener=self.tls, peer=peer, local=local),
+                conn, ssl=server.tls_context if self.tls else None,
+                ssl_handshake_timeout=HANDSHAKE_SECONDS if self.tls else None)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:  # e.g. a failed handshake
+            log.debug("connection from %s not started: %s", peer[0], exc)
+            conn.close()
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
 
 @dataclass
@@ -133,7 +222,6 @@ class Server:
 
     async def start(self) -> list[str]:
         """Open every listener; return the ready lines (``host:port (smtp|smtps)``)."""
-        loop = asyncio.get_running_loop()
         server = self.config.server
         worker = self.worker
         reuse_port = worker is not None
@@ -144,17 +232,12 @@ class Server:
         for value, tls in [(v, False) for v in listen] + [(v, True) for v in listen_tls]:
             host, port = parse_listen(value)
             try:
-                listener = await loop.create_server(
-                    (lambda tls=tls: SMTPProtocol(self, tls_listener=tls)),
-                    host, port, ssl=self.tls_context if tls else None,
-                    reuse_address=True, reuse_port=reuse_port or None, backlog=1024,
-                    ssl_handshake_timeout=60 if tls else None,
-                )
+                sockets = bind_socket(host, port, reuse_port)
             except OSError as exc:
                 await self.close_listeners()
                 raise IngressError(f"cannot listen on {value}: {exc.strerror or exc}") from None
-            self.listeners.append(listener)
-            for sock in listener.sockets:
+            for sock in sockets:
+                self.listeners.append(Listener(self, sock, tls))
                 addr = sock.getsockname()
                 shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
                 ready.append(f"{shown}:{addr[1]} ({'smtps' if tls else 'smtp'})")

@@ -101,7 +101,8 @@ def parse_params(text: str) -> tuple[dict[str, str | None], str | None]:
 
 
 class SMTPProtocol(AiosmtpdSMTP):
-    def __init__(self, server: Server, tls_listener: bool = False):
+    def __init__(self, server: Server, tls_listener: bool = False, peer: tuple | None = None,
+                 local: tuple | None = None):
         # Deliberately not calling AiosmtpdSMTP.__init__ (see module docstring).
         asyncio.StreamReaderProtocol.__init__(
             self, asyncio.StreamReader(limit=READ_LIMIT), self._cb_client_connected
@@ -111,6 +112,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         self.hooks = self.config.hooks
         self.loop = asyncio.get_running_loop()
         self.tls_listener = tls_listener
+        self._addresses = (peer, local)  # from accept(); asked of the transport when not given
         self.transport = None
         self.session: Session | None = None
         self._phase = BUSY
@@ -132,10 +134,11 @@ class SMTPProtocol(AiosmtpdSMTP):
         self.transport = transport
         self.server.connection_opened(self)
         self._counted = True
+        peer, local = self._addresses
         self.session = Session(
             self.config,
-            transport.get_extra_info("peername"),
-            transport.get_extra_info("sockname"),
+            peer or transport.get_extra_info("peername"),
+            local or transport.get_extra_info("sockname"),
             tls=self.tls_listener,
             connections=self.server.connections,
         )

@@ -67,6 +67,17 @@ def server_config(tmp_path: Path, config: dict | None = None) -> dict:
     return deep_merge(base, config or {})
 
 
+def eventually(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll *predicate* until it is true; fail the test after *timeout* seconds. For effects a
+    server produces on its own time (a log line after SIGHUP, a connection count going down)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 class RunningServer:
     """A started server: where it listens and where it stores mail."""
 
@@ -290,14 +301,16 @@ def start_inprocess(config: dict, workdir: Path, plugins: dict[str, object] | No
 
 @pytest.fixture
 def ingress_server(tmp_path):
-    """Factory: ``ingress_server(config=None, *, env=None, disabled=())`` starts a subprocess
-    server and returns a :class:`SubprocessServer`; every server is stopped after the test."""
+    """Factory: ``ingress_server(config=None, *, env=None, disabled=(), args=())`` starts a
+    subprocess server (``args``: more options for ``ingress serve``, e.g. ``--no-uvloop``) and
+    returns a :class:`SubprocessServer`; every server is stopped after the test."""
     started: list[SubprocessServer] = []
 
     def start(config: dict | None = None, *, env: dict | None = None,
-              disabled: tuple[str, ...] = (), name: str = "server") -> SubprocessServer:
+              disabled: tuple[str, ...] = (), name: str = "server",
+              args: tuple[str, ...] = ()) -> SubprocessServer:
         full = server_config(tmp_path / name, config)
-        server = start_subprocess(full, tmp_path / name, env=env, disabled=disabled)
+        server = start_subprocess(full, tmp_path / name, env=env, disabled=disabled, args=args)
         started.append(server)
         return server
 

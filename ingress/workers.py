@@ -71,24 +71,15 @@ def use_multiprocess_metrics() -> str:
 
 def reserve(value: str) -> tuple[socket.socket, str]:
     """Bind (never listen) a SO_REUSEPORT socket on *value*; return it and ``host:port``."""
-    from ingress.server import parse_listen
+    from ingress.server import bind_socket, parse_listen
 
     host, port = parse_listen(value)
     try:
-        family, kind, proto, _, addr = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
+        sock, *others = bind_socket(host, port, reuse_port=True)
     except OSError as exc:
         raise IngressError(f"cannot listen on {value}: {exc.strerror or exc}") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(addr)
-    except OSError as exc:
-        sock.close()
-        raise IngressError(f"cannot listen on {value}: {exc.strerror or exc}") from None
+    for other in others:  # the workers listen on the first address only
+        other.close()
     shown = f"[{host}]" if ":" in host else host
     return sock, f"{shown}:{sock.getsockname()[1]}"
 
