@@ -44,7 +44,7 @@ class Connection(asyncio.Protocol):
     timer per command, so that the client spends as little CPU per message as it can (it
     shares the machine with the server it measures). MAIL, RCPT and DATA go in one write."""
 
-    def __init__(self, load: "Load", seq: int):
+    def __init__(self, load: Load, seq: int):
         self.load = load
         self.seq: int | None = seq  # message being sent; None once the count is used up
         self.done = load.loop.create_future()  # result: the sequence number taken, not sent

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import sys
 
 
@@ -19,3 +21,13 @@ def run(coro, uvloop: bool = True):
             return runner.run(coro)
     uvloop_mod.install()
     return asyncio.run(coro)
+
+
+def stop(process: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM *process* and wait; SIGKILL it if it still runs after *grace* seconds."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -20,7 +20,6 @@ import math
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -28,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import common
 
 HERE = Path(__file__).resolve().parent
 SMTP_SOURCE = "/usr/sbin/smtp-source"
@@ -197,12 +198,7 @@ class Server:
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        common.stop(self.process)
         self.process.stdout.close()
 
     def stored(self) -> int | None:

@@ -30,7 +30,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -39,6 +38,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import common
 
 HERE = Path(__file__).resolve().parent
 MB = 1 << 20
@@ -86,12 +87,7 @@ class Server:
         return int(re.search(rf"^{name}:\s+(\d+) kB", status, re.M)[1])
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        common.stop(self.process)
         self.process.stdout.close()
         self.log.close()
 

@@ -10,21 +10,14 @@ import time
 
 import pytest
 
+from ingress.testing import eventually
+
 CONFIG = {
     "directory": {"domains": ["example.test"],
                   "users": [{"address": "alice@example.test", "password": "pw"}]},
     "plugins": {"banner": {"text": "first #HostName#"}},
 }
 WITH_RECEIVED = "Received: from a by b; Mon, 1 Jan 2024 00:00:00 +0000\r\nSubject: s\r\n\r\nx\r\n"
-
-
-def wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def rewrite(server, config: dict) -> None:
@@ -40,7 +33,7 @@ def test_sighup_reload_new_sessions_use_the_new_config_open_ones_keep_theirs(ing
     rewrite(server, {"plugins": {"banner": {"text": "second"},
                                  "received_header": {"append": "none"}}})
     server.signal(signal.SIGHUP)
-    wait_for(lambda: "reloaded" in server.log(), what="reload")
+    eventually(lambda: "reloaded" in server.log(), what="reload")
     with server.raw() as raw:
         assert raw.reply() == (220, "second")
     with server.smtp() as new:
@@ -56,7 +49,7 @@ def test_invalid_reload_keeps_the_old_config(ingress_server):
     server = ingress_server(CONFIG)
     server.config_path.write_text('{"plugins": {"banner": {"txet": "oops"}}}')
     server.signal(signal.SIGHUP)
-    wait_for(lambda: "reload refused" in server.log(), what="refusal")
+    eventually(lambda: "reload refused" in server.log(), what="refusal")
     assert "/plugins/banner/txet" in server.log()
     with server.raw() as raw:
         assert raw.reply() == (220, "first mx.test")
@@ -68,7 +61,7 @@ def test_sigterm_lets_an_open_session_finish(ingress_server):
     client.ehlo()
     client.mail("s@example.org")
     server.signal(signal.SIGTERM)
-    wait_for(lambda: "shutting down" in server.log(), what="drain start")
+    eventually(lambda: "shutting down" in server.log(), what="drain start")
     with pytest.raises(OSError):
         smtplib.SMTP(server.host, server.port, timeout=2)  # listeners closed at once
     client.rcpt("alice@example.test")
@@ -117,10 +110,10 @@ def test_no_acknowledged_message_is_lost_under_load(ingress_server, sig):
     threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
-    wait_for(lambda: len(acknowledged) >= 20, what="some load")
+    eventually(lambda: len(acknowledged) >= 20, what="some load")
     server.signal(sig)
     if sig == signal.SIGHUP:
-        wait_for(lambda: "reloaded" in server.log(), what="reload")
+        eventually(lambda: "reloaded" in server.log(), what="reload")
         time.sleep(0.3)
         stop.set()
     for t in threads:

@@ -10,29 +10,19 @@ import smtplib
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingress.testing import SMTPRaw, server_config
+from ingress.testing import SMTPRaw, eventually, server_config
 
 USERS = {"directory": {"domains": ["example.test"],
                        "users": [{"address": "alice@example.test", "password": "pw"}]}}
 COUNTING = {"server": {"workers": 2, "plugin_modules": ["connection_count"]},
             "plugins": {"connection_count": {"limit": 0}}, **USERS}
 CONNECTIONS = 20  # enough that both workers get some: all on one has odds 2 ** -19
-
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def greeting(raw: SMTPRaw) -> tuple[int, int]:
@@ -101,11 +91,11 @@ def test_open_connections_are_counted_across_workers(ingress_server):
             raw.cmd("QUIT")
             raw.close()
         del held[:5]
-        wait_for(lambda: count_now() == CONNECTIONS - 5 + 1, what="closed connections counted")
+        eventually(lambda: count_now() == CONNECTIONS - 5 + 1, what="closed connections counted")
     finally:
         for raw in held:
             raw.close()
-    wait_for(lambda: count_now() == 1, what="every connection released")
+    eventually(lambda: count_now() == 1, what="every connection released")
 
 
 def test_sigterm_lets_sessions_on_every_worker_finish_then_exits_0(ingress_server):
@@ -119,7 +109,7 @@ def test_sigterm_lets_sessions_on_every_worker_finish_then_exits_0(ingress_serve
         clients.append(raw)
     assert len(pids) == 2
     server.signal(signal.SIGTERM)
-    wait_for(lambda: server.log().count("shutting down") == 2, what="both workers draining")
+    eventually(lambda: server.log().count("shutting down") == 2, what="both workers draining")
     with pytest.raises(OSError):
         socket.create_connection((server.host, server.port), timeout=2).close()
     for i, raw in enumerate(clients):
@@ -151,7 +141,7 @@ def test_sighup_reaches_every_worker(ingress_server):
     data["plugins"] = {"banner": {"text": "second"}}
     server.config_path.write_text(json.dumps(data))
     server.signal(signal.SIGHUP)
-    wait_for(lambda: len(set(re.findall(r"ingress\[(\d+)\] INFO ingress\.server: reloaded",
+    eventually(lambda: len(set(re.findall(r"ingress\[(\d+)\] INFO ingress\.server: reloaded",
                                         server.log()))) == 2, what="both workers reloaded")
     for _ in range(CONNECTIONS):
         with server.raw() as raw:
@@ -164,8 +154,8 @@ def test_a_worker_that_dies_is_replaced(ingress_server):
     with server.raw() as raw:
         victim = greeting(raw)[0]
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: f"(pid {victim}) exited with -9" in server.log(), what="the parent noticed")
-    wait_for(lambda: len(psutil.Process(server.pid).children()) == 2, what="a new worker")
+    eventually(lambda: f"(pid {victim}) exited with -9" in server.log(), what="the parent noticed")
+    eventually(lambda: len(psutil.Process(server.pid).children()) == 2, what="a new worker")
     pids = set()
     for _ in range(CONNECTIONS):
         with server.raw() as raw:
