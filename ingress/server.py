@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import shutil
 import signal
@@ -118,13 +117,13 @@ class Listener:
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, peer = self.sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:
-                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    raise
+            except ConnectionAbortedError:  # gone while it waited in the backlog
+                continue
+            except OSError as exc:  # out of file descriptors or memory, mostly
                 log.error("cannot accept connections: %s; trying again in %gs",
-                          exc.strerror, ACCEPT_PAUSE)
+                          exc.strerror or exc, ACCEPT_PAUSE)
                 self.loop.remove_reader(self.sock.fileno())
                 self.loop.call_later(ACCEPT_PAUSE, self._resume)
                 return
