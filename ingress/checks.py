@@ -12,12 +12,12 @@ BODY_VALUES = {"7BIT", "8BITMIME"}
 
 
 def _when_known(session, verb: str, check, *args):
-    """``check(session, known_names, *args)`` once the parameter names of *verb* are known: at
+    """``check(known_names, *args)`` once the parameter names of *verb* are known: at
     once when this session has already asked the plugins (the common case, no coroutine), else
     an awaitable that asks them first (the core awaits what a hook returns)."""
     known = session.notes.get("params", {}).get(verb)
     if known is not None:
-        return check(session, known, *args)
+        return check(known, *args)
     return _learn(session, verb, check, *args)
 
 
@@ -27,7 +27,7 @@ async def _learn(session, verb: str, check, *args):
                                                        verb=verb):
         names.update(n.upper() for n in found)
     session.notes.setdefault("params", {})[verb] = names
-    return check(session, names, *args)
+    return check(names, *args)
 
 
 def _unknown(verb: str, params: dict, known: set[str]) -> Reply | None:
@@ -37,7 +37,7 @@ def _unknown(verb: str, params: dict, known: set[str]) -> Reply | None:
     return None
 
 
-def _check_mail(session, known: set[str], transaction) -> Reply | None:
+def _check_mail(known: set[str], transaction) -> Reply | None:
     params = transaction.mail_params
     reply = _unknown("MAIL", params, known)
     if reply is not None:
@@ -49,7 +49,7 @@ def _check_mail(session, known: set[str], transaction) -> Reply | None:
     return None
 
 
-def _check_rcpt(session, known: set[str], recipient) -> Reply | None:
+def _check_rcpt(known: set[str], recipient) -> Reply | None:
     return _unknown("RCPT", recipient.params, known)
 
 

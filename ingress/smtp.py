@@ -101,8 +101,7 @@ def parse_params(text: str) -> tuple[dict[str, str | None], str | None]:
 
 
 class SMTPProtocol(AiosmtpdSMTP):
-    def __init__(self, server: Server, tls_listener: bool = False, peer: tuple | None = None,
-                 local: tuple | None = None):
+    def __init__(self, server: Server, *, tls_listener: bool, peer: tuple, local: tuple):
         # Deliberately not calling AiosmtpdSMTP.__init__ (see module docstring).
         asyncio.StreamReaderProtocol.__init__(
             self, asyncio.StreamReader(limit=READ_LIMIT), self._cb_client_connected
@@ -112,7 +111,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         self.hooks = self.config.hooks
         self.loop = asyncio.get_running_loop()
         self.tls_listener = tls_listener
-        self._addresses = (peer, local)  # from accept(); asked of the transport when not given
+        self._peer, self._local = peer, local  # from accept(), not the transport (see Listener)
         self.transport = None
         self.session: Session | None = None
         self._phase = BUSY
@@ -134,11 +133,10 @@ class SMTPProtocol(AiosmtpdSMTP):
         self.transport = transport
         self.server.connection_opened(self)
         self._counted = True
-        peer, local = self._addresses
         self.session = Session(
             self.config,
-            peer or transport.get_extra_info("peername"),
-            local or transport.get_extra_info("sockname"),
+            self._peer,
+            self._local,
             tls=self.tls_listener,
             connections=self.server.connections,
         )
