@@ -81,7 +81,10 @@ def bind_socket(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
     try:
         for family, kind, proto, _, addr in socket.getaddrinfo(
                 host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # an address family this host lacks (IPv6 switched off, say)
+                continue
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
@@ -93,6 +96,8 @@ def bind_socket(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
         for sock in sockets:
             sock.close()
         raise
+    if not sockets:
+        raise OSError(f"no address family of {host or '*'} can be used here")
     return sockets
 
 
@@ -108,7 +113,6 @@ class Listener:
         self.sock = sock
         self.tls = tls
         self.loop = asyncio.get_running_loop()
-        self.sockets = [sock]
         sock.listen(1024)
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._accept)

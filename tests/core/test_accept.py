@@ -60,3 +60,24 @@ def test_out_of_file_descriptors_pauses_accepting_then_serves_who_waited(ingress
         for sock in held + waiting:
             sock.close()
     assert server.stop() == 0
+
+
+def test_listening_on_all_interfaces_skips_an_address_family_the_host_lacks(monkeypatch):
+    from ingress.server import bind_socket
+
+    real = socket.socket
+
+    def no_ipv6(family=socket.AF_INET, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real(family, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    sockets = bind_socket("", 0, reuse_port=False)
+    try:
+        assert sockets and {s.family for s in sockets} == {socket.AF_INET}
+    finally:
+        for sock in sockets:
+            sock.close()
+    with pytest.raises(OSError, match="no address family"):
+        bind_socket("::1", 0, reuse_port=False)
