@@ -19,7 +19,7 @@ import jsonschema
 import yaml
 
 import ingress_schemas
-from ingress import manager
+from ingress import manager, state
 from ingress.directory import Directory, DirectoryError
 from ingress.dispatch import Hooks
 from ingress.errors import ConfigError, PluginError
@@ -230,6 +230,9 @@ def build(raw: Any, path: Path | None, base_dir: Path,
     if server["listen_tls"] and not server["tls_cert"]:
         raise ConfigError(f"{source}: /server/listen_tls: implicit TLS listeners need "
                           "server.tls_cert and server.tls_key")
+    problem = state.check_url(server["state"])
+    if problem:
+        raise ConfigError(f"{source}: /server/state: {problem}")
     try:
         directory = Directory.from_config(data["directory"], base_dir)
     except DirectoryError as exc:

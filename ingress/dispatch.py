@@ -21,6 +21,7 @@ from typing import Any
 import pluggy
 
 from ingress.reply import Reply
+from ingress.state import StateUnavailable
 
 log = logging.getLogger("ingress.dispatch")
 
@@ -57,6 +58,7 @@ class Impl:
     argnames: tuple[str, ...]
     is_async: bool
     settings: Any  # the plugin's own config section, passed as ``settings``
+    wants_state: bool  # declares ``state``: gets its own Store of the session's server
 
 
 class Hooks:
@@ -99,6 +101,7 @@ class Hooks:
                 tuple(hi.argnames),
                 inspect.iscoroutinefunction(hi.function),
                 self._settings.get(hi.plugin_name),
+                "state" in hi.argnames,
             )
             for hi in hookimpls
         )
@@ -109,6 +112,8 @@ class Hooks:
         if TRACE:
             print(f"ingress: hook {hook} -> {impl.plugin}", file=sys.stderr)
         kwargs["settings"] = impl.settings
+        if impl.wants_state:
+            kwargs["state"] = kwargs["session"].state_backend.store(impl.plugin)
         return impl.function(*map(kwargs.__getitem__, impl.argnames))
 
     @staticmethod
@@ -117,6 +122,8 @@ class Hooks:
 
     @staticmethod
     def _failed(hook: str, impl: Impl, exc: Exception) -> None:
+        if isinstance(exc, StateUnavailable):
+            return  # the state backend logs an outage once, not once per command
         if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
             log.error("plugin %s did not answer %s within %gs", impl.plugin, hook, HOOK_TIMEOUT)
         else:

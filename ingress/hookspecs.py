@@ -15,6 +15,11 @@ How hooks are called
 * Order: builtins run in the contract's order of checks (``ingress.dispatch.BUILTIN_ORDER``);
   third-party implementations run after the builtins, or before them when marked
   ``@hookimpl(tryfirst=True)``; among themselves in registration order.
+* Every hook but ``config_schema`` may also declare ``state``: the plugin's own
+  :class:`ingress.state.Store` (``server.state``: in memory, or on Redis shared by every worker
+  and node), a key-value store with expiry whose keys no other plugin sees. An operation that
+  fails or takes over ``server.state_timeout`` raises :class:`ingress.state.StateUnavailable`
+  and the hook fails closed (``451 4.3.0``; the outage is logged once, not per command).
 * A plugin that raises fails closed: the error is logged with plugin and hook name, and the client
   gets ``451 4.3.0`` for that command.
 """
@@ -39,7 +44,7 @@ def config_schema(settings):
 
 
 @hookspec
-def ehlo_keywords(session, settings):
+def ehlo_keywords(session, settings, state):
     """Return extension keywords this plugin adds to the EHLO reply (a list of strings).
 
     :param session: the :class:`ingress.session.Session`.
@@ -48,7 +53,7 @@ def ehlo_keywords(session, settings):
 
 
 @hookspec
-def esmtp_parameters(session, verb, settings):
+def esmtp_parameters(session, verb, settings, state):
     """Return the MAIL or RCPT parameter names (upper case) this plugin understands.
 
     :param verb: ``"MAIL"`` or ``"RCPT"``.
@@ -58,7 +63,7 @@ def esmtp_parameters(session, verb, settings):
 
 
 @hookspec
-def greeting(session, settings):
+def greeting(session, settings, state):
     """Return the greeting text (without ``220``), or ``None``. First non-``None`` result wins.
 
     Runs after ``on_connect`` has not refused the connection. Without any implementation the
@@ -71,7 +76,7 @@ def greeting(session, settings):
 
 
 @hookspec
-def on_connect(session, settings):
+def on_connect(session, settings, state):
     """A client connected. Decision hook: a ``Reply`` replaces the greeting (e.g. ``421`` with
     ``close=True``) and, like any decision, ends the hook: the implementations after it do not
     run (so a plugin that only wants another greeting text implements ``greeting``).
@@ -83,13 +88,13 @@ def on_connect(session, settings):
 
 
 @hookspec
-def on_disconnect(session, settings):
+def on_disconnect(session, settings, state):
     """The connection is gone (client quit, was cut, or timed out). All implementations run;
     return values are ignored. Runs exactly once per connection."""
 
 
 @hookspec
-def on_command(session, verb, arg, settings):
+def on_command(session, verb, arg, settings, state):
     """A complete command line arrived (any verb, also unknown ones). Decision hook: a ``Reply``
     answers the command instead of the core.
 
@@ -99,7 +104,7 @@ def on_command(session, verb, arg, settings):
 
 
 @hookspec
-def on_reply(session, reply, plugin, settings):
+def on_reply(session, reply, plugin, settings, state):
     """A reply is about to be sent. Decision hook: a ``Reply`` returned here is sent *after*
     ``reply`` (e.g. ``421 ... close``) — used to count errors.
 
@@ -109,7 +114,7 @@ def on_reply(session, reply, plugin, settings):
 
 
 @hookspec
-def on_helo(session, verb, hostname, settings):
+def on_helo(session, verb, hostname, settings, state):
     """HELO or EHLO. Decision hook: a ``Reply`` refuses it.
 
     :param verb: ``"HELO"`` or ``"EHLO"``.
@@ -118,7 +123,7 @@ def on_helo(session, verb, hostname, settings):
 
 
 @hookspec
-def auth_mechanisms(session, settings):
+def auth_mechanisms(session, settings, state):
     """Return a list of :class:`ingress.auth.Mechanism` this plugin offers on this session.
 
     All results are used. A mechanism with ``advertised=False`` is known but not offered; the
@@ -127,7 +132,7 @@ def auth_mechanisms(session, settings):
 
 
 @hookspec
-def on_auth(session, mechanism, settings):
+def on_auth(session, mechanism, settings, state):
     """AUTH <mechanism> was asked for. Decision hook: a ``Reply`` refuses it before the exchange.
 
     :param mechanism: the upper-cased mechanism name.
@@ -135,17 +140,17 @@ def on_auth(session, mechanism, settings):
 
 
 @hookspec
-def on_vrfy(session, address, settings):
+def on_vrfy(session, address, settings, state):
     """VRFY <address>. Decision hook; without a reply the core answers ``252 2.5.2``."""
 
 
 @hookspec
-def on_expn(session, address, settings):
+def on_expn(session, address, settings, state):
     """EXPN <address>. Decision hook; without a reply the core answers ``502 5.5.1``."""
 
 
 @hookspec
-def continue_after_disconnect(session, settings):
+def continue_after_disconnect(session, settings, state):
     """The client's end-of-stream was seen while messages are still to be processed. Return
     ``True`` to process what it already sent and deliver it, ``False`` to discard. First
     non-``None`` result wins; without one the message is discarded.
@@ -158,7 +163,7 @@ def continue_after_disconnect(session, settings):
 
 
 @hookspec
-def on_mail_from(session, transaction, settings):
+def on_mail_from(session, transaction, settings, state):
     """MAIL FROM. Decision hook.
 
     :param transaction: the new :class:`ingress.session.Transaction` (``mail_from``,
@@ -167,7 +172,7 @@ def on_mail_from(session, transaction, settings):
 
 
 @hookspec
-def on_rcpt(session, transaction, recipient, settings):
+def on_rcpt(session, transaction, recipient, settings, state):
     """RCPT TO. Decision hook.
 
     :param recipient: the :class:`ingress.session.Recipient` (``address``, ``params``, ``local``);
@@ -176,7 +181,7 @@ def on_rcpt(session, transaction, recipient, settings):
 
 
 @hookspec
-def on_data(session, transaction, message, settings):
+def on_data(session, transaction, message, settings, state):
     """The message was received (final dot). Decision hook: a ``Reply`` refuses the message.
 
     :param message: the :class:`ingress.spool.Message` (raw bytes as received, ``headers()``,
@@ -188,7 +193,7 @@ def on_data(session, transaction, message, settings):
 
 
 @hookspec
-def deliver(session, transaction, message, settings):
+def deliver(session, transaction, message, settings, state):
     """Store the message durably. First non-``None`` result wins; the builtin Maildir/queue
     delivery runs last.
 
@@ -199,6 +204,6 @@ def deliver(session, transaction, message, settings):
 
 
 @hookspec
-def after_delivery(session, transaction, message, delivered, settings):
+def after_delivery(session, transaction, message, delivered, settings, state):
     """The message was stored and ``250`` is on its way. All implementations run; errors are
     logged, never shown to the client (e.g. success DSNs)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ingress import config as config_mod
-from ingress import metrics
+from ingress import metrics, state
 from ingress.errors import ConfigError, IngressError
 from ingress.reply import Reply
 from ingress.smtp import SMTPProtocol
@@ -185,6 +185,8 @@ class Server:
         self.messages_accepted = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Opened here, in the process and loop that serve (after a worker's fork).
+        self.state = state.open_backend(cfg.server["state"], cfg.server["state_timeout"])
         if worker is None:  # workers share the spool; their parent prepares it once
             prepare_spool(cfg)
 
@@ -277,6 +279,9 @@ class Server:
             cfg.server["listen_tls"] != self.config.server["listen_tls"]
         ):
             log.warning("reload: listener changes take effect at the next restart")
+        if (cfg.server["state"], cfg.server["state_timeout"]) != (
+                self.config.server["state"], self.config.server["state_timeout"]):
+            log.warning("reload: state changes take effect at the next restart")
         self.config, self.tls_context = cfg, context
         log.info("reloaded %s", cfg.source)
         return True
@@ -326,6 +331,7 @@ async def run(cfg: config_mod.Config, ready=print_lines, worker: Worker | None =
         log.info("shutting down")
         await server.drain(server.config.server["drain_seconds"])
     finally:
+        await server.state.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if worker is not None:

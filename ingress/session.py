@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ingress.config import Config
     from ingress.directory import Directory
+    from ingress.state import Backend
 
 _ids = itertools.count(1)
 _PID = f"{os.getpid():x}"
@@ -90,6 +91,9 @@ class Session:
         self.auth_user: str | None = None
         self.transaction: Transaction | None = None
         self.messages_accepted = 0
+        #: the server's shared state (``server.state``); plugins get their own part of it as
+        #: the ``state`` hook argument, never through this
+        self.state_backend: Backend | None = None
 
     @property
     def hostname(self) -> str:

@@ -140,6 +140,7 @@ class SMTPProtocol(AiosmtpdSMTP):
             tls=self.tls_listener,
             connections=self.server.connections,
         )
+        self.session.state_backend = self.server.state
         self._last_rx = self._last_reply = self.loop.time()
         self._handler_task = self.loop.create_task(self._handle_client())
 

@@ -20,6 +20,18 @@ object replaces an installed plugin of the same name for that server, so a plugi
 hand it a fake clock or resolver. Its log records go through :mod:`logging` (use ``caplog``).
 
 ``SMTPRaw`` is a byte-level client for rude and slow clients.
+
+Shared state (``server.state``): ``ingress_redis`` starts a real ``redis-server`` of the test's
+own (a free port of 127.0.0.1, a temporary folder, nothing saved) and gives a
+:class:`RedisServer`; put its ``url`` in ``server.state``. It can stop, start (on the same port)
+and pause the server, to test what a plugin does while Redis is away::
+
+    def test_limit_is_shared(ingress_server, ingress_redis):
+        config = {"server": {"state": ingress_redis.url}, "plugins": {"myplugin": {}}}
+        a, b = ingress_server(config, name="a"), ingress_server(config, name="b")
+
+``ingress_state`` is a fresh in-process :class:`ingress.state.Store`, for calling one hook of
+a plugin directly in a unit test (``await on_rcpt(session, ..., state=ingress_state)``).
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import site
 import smtplib
@@ -264,6 +277,7 @@ class InProcessServer(RunningServer):
         if not self._loop.is_running():
             return
         self.call(self.server.drain(0))
+        self.call(self.server.state.close())
         self._close_loop()
 
     def _close_loop(self) -> None:
@@ -398,3 +412,98 @@ class SMTPRaw:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A ``redis-server`` of one test: 127.0.0.1 only, its own folder, no persistence."""
+
+    def __init__(self, workdir: Path, port: int | None = None):
+        binary = shutil.which("redis-server") or (
+            "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+        if binary is None:
+            raise RuntimeError("redis-server not found (Debian/Ubuntu: apt-get install "
+                               "redis-server); ingress_redis needs a real one")
+        self.binary = binary
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start it (again, on the same port) and wait until it answers PING."""
+        with open(self.workdir / "redis.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        deadline = time.monotonic() + timeout
+        while not self.ping():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("redis-server did not start:\n"
+                                   + (self.workdir / "redis.log").read_text(errors="replace"))
+            time.sleep(0.05)
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Stop it by its PID (SIGTERM, killed after 10 s) and wait for the exit."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a paused one must see the SIGTERM
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def pause(self) -> None:
+        """SIGSTOP: it keeps its port and accepts connections but answers nothing (a network
+        cut, as a client sees it)."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+def ingress_redis(tmp_path):
+    """A running :class:`RedisServer` of this test (``.url`` for ``server.state``); stopped
+    after the test."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ingress_state():
+    """A fresh in-process :class:`ingress.state.Store` (namespace ``test``) for unit tests of
+    hooks that take ``state``."""
+    from ingress.state import MemoryBackend
+
+    return MemoryBackend().store("test")
