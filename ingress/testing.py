@@ -428,8 +428,10 @@ class RedisServer:
         binary = shutil.which("redis-server") or (
             "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
         if binary is None:
-            raise RuntimeError("redis-server not found (Debian/Ubuntu: apt-get install "
-                               "redis-server); ingress_redis needs a real one")
+            message = "redis-server is not installed (Debian: apt-get install redis-server)"
+            if os.environ.get("CI"):
+                pytest.fail(f"{message}, and CI must run this test")
+            pytest.skip(message)
         self.binary = binary
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
