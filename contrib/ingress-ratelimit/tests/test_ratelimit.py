@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
 import pytest
+from ingress.state import MemoryBackend
 from ingress.testing import SMTPRaw
 
-from ingress_ratelimit import RateLimit, SlidingWindow, client_key
+from ingress_ratelimit import RateLimit, client_key, hit
 
 HOUR = 3600  # a window no test outlives: what is counted stays counted
 LOCAL = {"directory": {"domains": ["example.test"],
@@ -20,8 +22,8 @@ def limits(**settings):
 
 
 class Clock:
-    def __init__(self):
-        self.now = 1000.0
+    def __init__(self, now: float = 1000.0):
+        self.now = now
 
     def __call__(self):
         return self.now
@@ -89,37 +91,77 @@ def test_limits_are_counted_per_client(ingress_server):
         assert client.reply()[0] == 220, "::1 is another client than 127.0.0.1"
 
 
-def test_sliding_window_lets_a_client_in_as_its_oldest_connections_age(
+def test_sliding_window_lets_a_client_in_as_its_counted_connections_age(
         ingress_inprocess_server):
-    clock = Clock()
+    clock = Clock(1200.0)  # the start of a window of 60 s
     server = ingress_inprocess_server(limits(window_seconds=60, max_connections=2),
                                       plugins={"ratelimit": RateLimit(clock)})
 
-    def greeting():
-        with server.raw() as client:
-            return client.reply()[0]
+    def greetings(n):
+        codes = []
+        for _ in range(n):
+            with server.raw() as client:
+                codes.append(client.reply()[0])
+        return codes
 
-    assert greeting() == 220          # t=0
-    clock.now += 30
-    assert greeting() == 220          # t=30
-    assert greeting() == 421          # two in the last minute
-    clock.now += 31
-    assert greeting() == 220          # t=61: the t=0 one is a window old
-    assert greeting() == 421          # refusals were not counted, the t=30 one still is
-    clock.now += 60
-    assert greeting() == greeting() == 220
+    assert greetings(3) == [220, 220, 421]
+    clock.now += 60      # a new window: the previous one's two still count in full
+    assert greetings(1) == [421]
+    clock.now += 30      # half of the previous window is still inside the last minute
+    assert greetings(2) == [220, 421], "1 carried + 1 new; the refusal before was not counted"
+    clock.now += 30      # the window with one connection is now the previous one
+    assert greetings(2) == [220, 421]
+    clock.now += 120     # nothing in the last two windows
+    assert greetings(2) == [220, 220]
 
 
-def test_window_keeps_bounded_memory():
+def test_counts_expire_and_memory_stays_bounded():
     clock = Clock()
-    window = SlidingWindow(clock)
-    for i in range(1000):
-        assert window.hit(f"192.0.2.{i}", 5, 60, max_keys=100)
-    assert len(window) == 100
-    assert window.hit("192.0.2.1", 1, 60, max_keys=100), "forgotten clients start again"
-    clock.now += 61
-    assert window.hit("198.51.100.1", 5, 60, max_keys=100)
-    assert len(window) == 1, "clients idle for a whole window are forgotten"
+    backend = MemoryBackend(clock=clock)
+    state = backend.store("ratelimit")
+
+    async def scenario():
+        for i in range(1000):
+            assert await hit(state, f"conn:192.0.2.{i}", 5, 60, clock())
+        assert len(backend) == 1000
+        clock.now += 121
+        assert await hit(state, "conn:198.51.100.1", 5, 60, clock())
+        assert len(backend) == 1, "counts two windows old are forgotten"
+
+    asyncio.run(scenario())
+
+
+def test_limits_hold_across_nodes_and_workers_on_redis(ingress_server, ingress_redis):
+    config = {**LOCAL, "server": {"state": ingress_redis.url},
+              **limits(window_seconds=HOUR, max_connections=3, max_messages=2)}
+    node_a = ingress_server(config, name="a")
+    node_b = ingress_server({**config, "server": {"state": ingress_redis.url, "workers": 2}},
+                            name="b")
+    with node_a.smtp() as client:
+        client.ehlo()
+        assert client.mail("a@example.org")[0] == 250
+    with node_b.smtp() as client:
+        client.ehlo()
+        assert client.mail("a@example.org")[0] == 250
+        client.rset()
+        assert client.mail("a@example.org") == (450, b"4.7.1 Too many messages from "
+                                                     b"127.0.0.1, try again later")
+    with node_a.raw() as client:
+        assert client.reply()[0] == 220  # the third connection of the window
+    for node in (node_a, node_b):
+        with node.raw() as client:
+            assert client.reply()[0] == 421
+    assert "refusing connection from 127.0.0.1" in node_b.log()
+
+
+def test_with_memory_state_each_node_counts_on_its_own(ingress_server):
+    config = limits(window_seconds=HOUR, max_connections=1)
+    node_a, node_b = ingress_server(config, name="a"), ingress_server(config, name="b")
+    for node in (node_a, node_b):
+        with node.raw() as client:
+            assert client.reply()[0] == 220
+    with node_a.raw() as client:
+        assert client.reply()[0] == 421
 
 
 def test_client_key():

@@ -1,10 +1,14 @@
 """ingress plugin ``ratelimit``: per-client-IP limits on connections and messages.
 
-Each limit counts events in a sliding window: a client may open ``max_connections`` connections
-and give ``max_messages`` MAIL FROM commands within any ``window_seconds``. Only what the limit let
-through is counted, so a refused client gets in again as soon as its oldest counted event is a
-window old. State is in memory, per server process, and bounded: clients idle for a whole window
-are forgotten, and at most ``max_clients`` are remembered.
+A client may open ``max_connections`` connections and give ``max_messages`` MAIL FROM commands
+within ``window_seconds``. Each limit counts in fixed windows of ``window_seconds`` and weighs
+the previous window's count by how much of it still lies within the last ``window_seconds`` (a
+sliding window, approximated with two counters). Only what the limit let through is counted.
+
+The counts live in the server's shared state (``server.state``): per server process with the
+default ``memory``, and shared by every worker of every node that names the same Redis with a
+``redis://`` state, so the limits then hold across workers and nodes. Each count expires two
+windows after it was started; the in-process state is bounded (see ``ingress.state``).
 """
 
 from __future__ import annotations
@@ -13,59 +17,34 @@ import functools
 import ipaddress
 import json
 import logging
+import math
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable
 from importlib import resources
 
 from ingress import Reply, hookimpl
 
-__all__ = ["RateLimit", "SlidingWindow", "client_key", "plugin"]
+__all__ = ["RateLimit", "client_key", "hit", "plugin"]
 
 log = logging.getLogger("ingress_ratelimit")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class SlidingWindow:
-    """Per-key sliding-window logs: the times of the last events counted for each key.
-
-    Keys are kept in the order of their newest event, so the ones idle for a whole window are
-    at the front and are dropped as time goes on; each key holds at most ``limit`` times.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self.clock = clock
-        self._events: OrderedDict[str, deque[float]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._events)
-
-    def hit(self, key: str, limit: int, window: float, max_keys: int) -> bool:
-        """Count one event for *key* and return True, or return False (and count nothing) when
-        *key* already has *limit* events in the last *window* seconds."""
-        now = self.clock()
-        horizon = now - window
-        self._expire(horizon)
-        events = self._events.get(key)
-        if events is None:
-            events = self._events[key] = deque()
-        while events and events[0] <= horizon:
-            events.popleft()
-        if len(events) >= limit:
-            return False
-        events.append(now)
-        self._events.move_to_end(key)
-        while len(self._events) > max_keys:
-            self._events.popitem(last=False)
-        return True
-
-    def _expire(self, horizon: float) -> None:
-        while self._events:
-            key, events = next(iter(self._events.items()))
-            if events and events[-1] > horizon:
-                return
-            del self._events[key]
+async def hit(state, key: str, limit: int, window: float, now: float) -> bool:
+    """Count one event for *key* in *state* and return True, or return False (and count
+    nothing) when *key* already has *limit* events in the window ending at *now*."""
+    index = math.floor(now / window)
+    overlap = 1.0 - (now / window - index)  # the part of the previous window still inside
+    previous = await state.get(f"{key}:{index - 1}")
+    carried = int(previous) * overlap if previous else 0.0
+    if carried + 1 > limit + 1e-9:
+        return False
+    count = await state.incr(f"{key}:{index}", ttl=2 * window)
+    if carried + count > limit + 1e-9:
+        await state.incr(f"{key}:{index}", -1)  # refusals are not counted
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=32)
@@ -106,25 +85,24 @@ def _allowed(peer_ip: str, allow: list[str]) -> bool:
 
 class RateLimit:
     """The plugin. The installed entry point is the module's :data:`plugin` instance; tests may
-    make their own with a fake ``clock``."""
+    make their own with another ``clock`` (wall-clock seconds: nodes share the windows)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self.connections = SlidingWindow(clock)
-        self.messages = SlidingWindow(clock)
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
 
     @hookimpl
     def config_schema(self):
         return json.loads(resources.files(__name__).joinpath("schema.json").read_text("utf-8"))
 
-    def _refused(self, window: SlidingWindow, limit: int, session, settings) -> bool:
+    async def _refused(self, kind: str, limit: int, session, settings, state) -> bool:
         if limit == 0 or _allowed(session.peer_ip, settings["allow"]):
             return False
-        key = client_key(session.peer_ip, settings["ipv6_prefix"])
-        return not window.hit(key, limit, settings["window_seconds"], settings["max_clients"])
+        key = f"{kind}:{client_key(session.peer_ip, settings['ipv6_prefix'])}"
+        return not await hit(state, key, limit, settings["window_seconds"], self.clock())
 
     @hookimpl
-    def on_connect(self, session, settings):
-        if self._refused(self.connections, settings["max_connections"], session, settings):
+    async def on_connect(self, session, settings, state):
+        if await self._refused("conn", settings["max_connections"], session, settings, state):
             log.info("ratelimit: refusing connection from %s: over %d connections in %gs",
                      session.peer_ip, settings["max_connections"], settings["window_seconds"])
             return Reply(421, "4.7.0", f"{session.hostname} Too many connections from "
@@ -132,8 +110,8 @@ class RateLimit:
         return None
 
     @hookimpl
-    def on_mail_from(self, session, settings):
-        if self._refused(self.messages, settings["max_messages"], session, settings):
+    async def on_mail_from(self, session, settings, state):
+        if await self._refused("mail", settings["max_messages"], session, settings, state):
             log.info("ratelimit: refusing MAIL from %s: over %d messages in %gs",
                      session.peer_ip, settings["max_messages"], settings["window_seconds"])
             return Reply(450, "4.7.1", f"Too many messages from {session.peer_ip}, "
@@ -141,5 +119,5 @@ class RateLimit:
         return None
 
 
-#: The instance the ``ingress.plugins`` entry point names; it keeps its counts across reloads.
+#: The instance the ``ingress.plugins`` entry point names.
 plugin = RateLimit()
