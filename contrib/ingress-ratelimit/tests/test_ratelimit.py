@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from ingress.state import MemoryBackend
-from ingress.testing import SMTPRaw
+from ingress.testing import SMTPRaw, eventually
 
 from ingress_ratelimit import RateLimit, client_key, hit
 
@@ -151,7 +151,7 @@ def test_limits_hold_across_nodes_and_workers_on_redis(ingress_server, ingress_r
     for node in (node_a, node_b):
         with node.raw() as client:
             assert client.reply()[0] == 421
-    assert "refusing connection from 127.0.0.1" in node_b.log()
+    eventually(lambda: "refusing connection from 127.0.0.1" in node_b.log(), what="log line")
 
 
 def test_with_memory_state_each_node_counts_on_its_own(ingress_server):
