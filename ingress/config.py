@@ -19,10 +19,11 @@ import jsonschema
 import yaml
 
 import ingress_schemas
-from ingress import manager, state
+from ingress import manager
 from ingress.directory import Directory, DirectoryError
 from ingress.dispatch import Hooks
 from ingress.errors import ConfigError, PluginError
+from ingress.state import check_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -218,6 +219,9 @@ def build(raw: Any, path: Path | None, base_dir: Path,
     server = data["server"]
     if not server.get("hostname"):
         server["hostname"] = socket.gethostname()
+    problem = check_url(server["state"])
+    if problem:
+        raise ConfigError(f"{source}: /server/state: {problem}")
     for section, key in (("delivery", "maildir"), ("delivery", "queue"),
                          ("server", "tls_cert"), ("server", "tls_key")):
         value = data[section][key]
@@ -230,9 +234,6 @@ def build(raw: Any, path: Path | None, base_dir: Path,
     if server["listen_tls"] and not server["tls_cert"]:
         raise ConfigError(f"{source}: /server/listen_tls: implicit TLS listeners need "
                           "server.tls_cert and server.tls_key")
-    problem = state.check_url(server["state"])
-    if problem:
-        raise ConfigError(f"{source}: /server/state: {problem}")
     try:
         directory = Directory.from_config(data["directory"], base_dir)
     except DirectoryError as exc:

@@ -57,8 +57,8 @@ class Impl:
     function: Any
     argnames: tuple[str, ...]
     is_async: bool
-    settings: Any  # the plugin's own config section, passed as ``settings``
     wants_state: bool  # declares ``state``: gets its own Store of the session's server
+    settings: Any  # the plugin's own config section, passed as ``settings``
 
 
 class Hooks:
@@ -100,8 +100,8 @@ class Hooks:
                 hi.function,
                 tuple(hi.argnames),
                 inspect.iscoroutinefunction(hi.function),
-                self._settings.get(hi.plugin_name),
                 "state" in hi.argnames,
+                self._settings.get(hi.plugin_name),
             )
             for hi in hookimpls
         )

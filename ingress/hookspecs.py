@@ -6,6 +6,11 @@ How hooks are called
 --------------------
 * Every hook receives ``settings``: the plugin's own config section (``[plugins.<name>]``), already
   validated and defaulted. A hook implementation may declare any subset of the arguments.
+* Every hook but ``config_schema`` may also declare ``state``: the plugin's own
+  :class:`ingress.state.Store` (``server.state``: in memory, or on Redis shared by every worker
+  and node), a key-value store with expiry whose keys no other plugin sees. An operation that
+  fails or takes over ``server.state_timeout`` raises :class:`ingress.state.StateUnavailable`
+  and the hook fails closed (``451 4.3.0``; the outage is logged once, not per command).
 * Any implementation may be ``async def``; the core awaits it. Plain functions are called without
   creating a coroutine. A plain function that only sometimes has to wait may return an awaitable
   (e.g. a coroutine) in those cases; the core awaits it like an ``async def`` result.
@@ -15,11 +20,6 @@ How hooks are called
 * Order: builtins run in the contract's order of checks (``ingress.dispatch.BUILTIN_ORDER``);
   third-party implementations run after the builtins, or before them when marked
   ``@hookimpl(tryfirst=True)``; among themselves in registration order.
-* Every hook but ``config_schema`` may also declare ``state``: the plugin's own
-  :class:`ingress.state.Store` (``server.state``: in memory, or on Redis shared by every worker
-  and node), a key-value store with expiry whose keys no other plugin sees. An operation that
-  fails or takes over ``server.state_timeout`` raises :class:`ingress.state.StateUnavailable`
-  and the hook fails closed (``451 4.3.0``; the outage is logged once, not per command).
 * A plugin that raises fails closed: the error is logged with plugin and hook name, and the client
   gets ``451 4.3.0`` for that command.
 """

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from ingress import config as config_mod
-from ingress import metrics, state
+from ingress import metrics
 from ingress.errors import ConfigError, IngressError
 from ingress.reply import Reply
 from ingress.smtp import SMTPProtocol
+from ingress.state import open_backend
 
 log = logging.getLogger("ingress.server")
 
@@ -186,7 +187,7 @@ class Server:
         self._idle = asyncio.Event()
         self._idle.set()
         # Opened here, in the process and loop that serve (after a worker's fork).
-        self.state = state.open_backend(cfg.server["state"], cfg.server["state_timeout"])
+        self.state = open_backend(cfg.server["state"], cfg.server["state_timeout"])
         if worker is None:  # workers share the spool; their parent prepares it once
             prepare_spool(cfg)
 

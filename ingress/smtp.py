@@ -140,8 +140,8 @@ class SMTPProtocol(AiosmtpdSMTP):
             tls=self.tls_listener,
             connections=self.server.connections,
         )
-        self.session.state_backend = self.server.state
         self._last_rx = self._last_reply = self.loop.time()
+        self.session.state_backend = self.server.state
         self._handler_task = self.loop.create_task(self._handle_client())
 
     def data_received(self, data: bytes) -> None:
