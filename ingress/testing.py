@@ -14,13 +14,6 @@ The server process imports what the test process can import: the directories pyt
 ``sys.path``) added for the tests are passed on through ``PYTHONPATH``, so a plugin module that sits
 beside its tests can be named in ``server.plugin_modules``.
 
-``ingress_inprocess_server`` runs the server on an event loop in a thread of the test process, and
-also takes plugin objects that are not installed anywhere (``plugins={"name": obj}``); such an
-object replaces an installed plugin of the same name for that server, so a plugin's own tests can
-hand it a fake clock or resolver. Its log records go through :mod:`logging` (use ``caplog``).
-
-``SMTPRaw`` is a byte-level client for rude and slow clients.
-
 Shared state (``server.state``): ``ingress_redis`` starts a real ``redis-server`` of the test's
 own (a free port of 127.0.0.1, a temporary folder, nothing saved) and gives a
 :class:`RedisServer`; put its ``url`` in ``server.state``. It can stop, start (on the same port)
@@ -32,6 +25,13 @@ and pause the server, to test what a plugin does while Redis is away::
 
 ``ingress_state`` is a fresh in-process :class:`ingress.state.Store`, for calling one hook of
 a plugin directly in a unit test (``await on_rcpt(session, ..., state=ingress_state)``).
+
+``ingress_inprocess_server`` runs the server on an event loop in a thread of the test process, and
+also takes plugin objects that are not installed anywhere (``plugins={"name": obj}``); such an
+object replaces an installed plugin of the same name for that server, so a plugin's own tests can
+hand it a fake clock or resolver. Its log records go through :mod:`logging` (use ``caplog``).
+
+``SMTPRaw`` is a byte-level client for rude and slow clients.
 """
 
 from __future__ import annotations
