@@ -3,13 +3,16 @@ real Redis for the shared state."""
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
+from ingress_greylist import GREYLISTED as GREYLISTED_REPLY
 from ingress_greylist import Greylist, network, triplet
 
 GREYLISTED = (451, b"4.7.1 Greylisted, please try again later")
@@ -101,6 +104,29 @@ def test_network_of_a_triplet():
     assert network("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
     assert triplet("192.0.2.1", "Alice@Example.ORG", "Bob@X.test") == (
         "192.0.2.0/24", "alice@example.org", "bob@x.test")
+
+
+def test_the_hook_alone_on_an_in_process_store(ingress_state):
+    """A unit test of the hook with ingress_state: IPv6 clients count per /64."""
+    clock = Clock()
+    plugin = Greylist(clock)
+    settings = {"delay_seconds": 60, "expire_seconds": 3600, "pass_seconds": 86400,
+                "whitelist": [], "authenticated": False}
+    transaction = SimpleNamespace(mail_from="Alice@Example.ORG")
+
+    def rcpt(peer_ip):
+        session = SimpleNamespace(peer_ip=peer_ip, auth_user=None, id="S1")
+        return plugin.on_rcpt(session, transaction, SimpleNamespace(address="bob@example.test"),
+                              settings, ingress_state)
+
+    async def scenario():
+        assert await rcpt("2001:db8:1:2::7") == GREYLISTED_REPLY
+        clock.now += 60
+        assert await rcpt("2001:db8:1:3::7") == GREYLISTED_REPLY, "another /64"
+        assert await rcpt("2001:db8:1:2:ffff::1") is None, "the same /64, 60 s later"
+        assert await rcpt("2001:db8:1:2::7") is None
+
+    asyncio.run(scenario())
 
 
 def test_relay_denials_and_unknown_mailboxes_are_answered_first(ingress_server):
