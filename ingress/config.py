@@ -240,7 +240,7 @@ def build(raw: Any, path: Path | None, base_dir: Path,
             pm.unregister(name=name)
         pm.set_blocked(name)
     infos = [i for i in infos if i.name not in disabled]
-    hooks = Hooks(pm, data["plugins"], builtins)
+    hooks = Hooks(pm, data["plugins"], builtins, timeout=data["server"]["hook_timeout"])
     return Config(path, data, directory, tuple(infos), hooks, schema)
 
 

@@ -33,8 +33,8 @@ BUILTIN_ORDER: dict[str, tuple[str, ...]] = {
     "deliver": ("delivery",),
 }
 
-# Async implementations of decision hooks that take longer than this fail closed (451 4.3.0).
-HOOK_TIMEOUT = float(os.environ.get("INGRESS_HOOK_TIMEOUT", "60"))
+# Default of server.hook_timeout: every awaited hook call is bounded by it.
+DEFAULT_HOOK_TIMEOUT = 60.0
 
 FAILED = object()  # what a failed implementation "returned" from first()
 
@@ -62,8 +62,10 @@ class Impl:
 class Hooks:
     """The ordered hook tables of one plugin manager plus each plugin's settings."""
 
-    def __init__(self, pm: pluggy.PluginManager, settings: dict[str, Any], builtins: set[str]):
+    def __init__(self, pm: pluggy.PluginManager, settings: dict[str, Any], builtins: set[str],
+                 timeout: float = DEFAULT_HOOK_TIMEOUT):
         self._pm = pm
+        self.timeout = timeout  # seconds any one awaited implementation may take
         self._settings = settings
         self._builtins = builtins
         self._tables: dict[str, tuple[Impl, ...]] = {}
@@ -89,7 +91,7 @@ class Hooks:
             if name in self._builtins:
                 rank = order.index(name) if name in order else len(order)
                 return (1, rank * 10_000 + registration.get(name, 0))
-            return (0 if hi.tryfirst else 2, registration.get(name, 0))
+            return (0 if hi.tryfirst else 3 if hi.trylast else 2, registration.get(name, 0))
 
         hookimpls.sort(key=key)
         return tuple(
@@ -115,10 +117,9 @@ class Hooks:
     def _pending(impl: Impl, result: Any) -> bool:
         return impl.is_async or (result is not None and inspect.isawaitable(result))
 
-    @staticmethod
-    def _failed(hook: str, impl: Impl, exc: Exception) -> None:
+    def _failed(self, hook: str, impl: Impl, exc: Exception) -> None:
         if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-            log.error("plugin %s did not answer %s within %gs", impl.plugin, hook, HOOK_TIMEOUT)
+            log.error("plugin %s did not answer %s within %gs", impl.plugin, hook, self.timeout)
         else:
             log.error("plugin %s failed in %s", impl.plugin, hook, exc_info=exc)
 
@@ -128,7 +129,7 @@ class Hooks:
             try:
                 result = self._start(hook, impl, kwargs)
                 if self._pending(impl, result):
-                    result = await _bounded(result, HOOK_TIMEOUT)
+                    result = await _bounded(result, self.timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # fail closed
@@ -148,7 +149,7 @@ class Hooks:
             try:
                 result = self._start(hook, impl, kwargs)
                 if self._pending(impl, result):
-                    result = await result
+                    result = await _bounded(result, self.timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -166,7 +167,7 @@ class Hooks:
             try:
                 result = self._start(hook, impl, kwargs)
                 if self._pending(impl, result):
-                    result = await _bounded(result, HOOK_TIMEOUT)
+                    result = await _bounded(result, self.timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

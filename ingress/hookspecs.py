@@ -13,10 +13,11 @@ How hooks are called
   decide, or a :class:`ingress.Reply`. The core calls the implementations one at a time and stops at
   the first ``Reply``; it remembers which plugin gave it (logs, metrics).
 * Order: builtins run in the contract's order of checks (``ingress.dispatch.BUILTIN_ORDER``);
-  third-party implementations run after the builtins, or before them when marked
-  ``@hookimpl(tryfirst=True)``; among themselves in registration order.
-* A plugin that raises fails closed: the error is logged with plugin and hook name, and the client
-  gets ``451 4.3.0`` for that command.
+  third-party implementations run after the builtins, before them when marked
+  ``@hookimpl(tryfirst=True)``, last when marked ``@hookimpl(trylast=True)``; among themselves in
+  registration order. ``hookwrapper=True`` and ``wrapper=True`` are refused at registration.
+* A plugin that raises, or whose hook waits longer than ``server.hook_timeout``, fails closed: the
+  error is logged with plugin and hook name, and the client gets ``451 4.3.0`` for that command.
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ def greeting(session, settings):
 
 
 # --- connection ------------------------------------------------------------------------------
+
+
+@hookspec
+def connection_opened(session, settings):
+    """A client connected; runs before ``on_connect`` decides anything. All implementations run;
+    return values are ignored. The counterpart of ``on_disconnect``: each runs exactly once per
+    connection, whatever ``on_connect`` answers, so observers (counters, logs) see every
+    connection, refused ones included. Not for decisions: use ``on_connect``."""
 
 
 @hookspec

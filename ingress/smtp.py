@@ -345,6 +345,7 @@ class SMTPProtocol(AiosmtpdSMTP):
 
     async def _greet(self) -> bool:
         session = self.session
+        await self.hooks.collect("connection_opened", session=session)
         reply, plugin = await self.hooks.decide("on_connect", session=session)
         if reply is None:
             text, _ = await self.hooks.first("greeting", session=session)
