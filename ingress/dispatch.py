@@ -57,6 +57,7 @@ class Impl:
     argnames: tuple[str, ...]
     is_async: bool
     settings: Any  # the plugin's own config section, passed as ``settings``
+    builtin: bool  # a builtin or core plugin: its checks run even after a third party vouched
 
 
 class Hooks:
@@ -101,6 +102,7 @@ class Hooks:
                 tuple(hi.argnames),
                 inspect.iscoroutinefunction(hi.function),
                 self._settings.get(hi.plugin_name),
+                hi.plugin_name in self._builtins,
             )
             for hi in hookimpls
         )
@@ -124,8 +126,17 @@ class Hooks:
             log.error("plugin %s failed in %s", impl.plugin, hook, exc_info=exc)
 
     async def decide(self, hook: str, **kwargs: Any) -> tuple[Reply | None, str | None]:
-        """Run a decision hook: the first ``Reply`` wins. Returns ``(reply, plugin)``."""
+        """Run a decision hook: the first refusal wins. Returns ``(reply, plugin)``.
+
+        A positive ``Reply`` (2xx/3xx) from a builtin is the answer. One from a third-party
+        plugin *vouches* for the command: the remaining third-party implementations are skipped,
+        but the builtins' checks still run and may still refuse (a plugin's ``Reply.ok()`` never
+        turns off relay control or size limits); if none does, the voucher is returned and the
+        core carries out the command as usual, answering with the voucher's text."""
+        vouched: tuple[Reply, str] | None = None
         for impl in self.impls(hook):
+            if vouched is not None and not impl.builtin:
+                continue
             try:
                 result = self._start(hook, impl, kwargs)
                 if self._pending(impl, result):
@@ -139,8 +150,11 @@ class Hooks:
                 if not isinstance(result, Reply):
                     log.error("plugin %s returned %r from %s", impl.plugin, result, hook)
                     return Reply.tempfail(), impl.plugin
+                if result.is_positive and not impl.builtin:
+                    vouched = vouched or (result, impl.plugin)
+                    continue
                 return result, impl.plugin
-        return None, None
+        return vouched or (None, None)
 
     async def first(self, hook: str, **kwargs: Any) -> tuple[Any, str | None]:
         """Run until an implementation returns something other than ``None``. A failing

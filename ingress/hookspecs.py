@@ -11,7 +11,10 @@ How hooks are called
   (e.g. a coroutine) in those cases; the core awaits it like an ``async def`` result.
 * **Decision hooks** (``on_*`` below, unless said otherwise) return ``None`` to let the next plugin
   decide, or a :class:`ingress.Reply`. The core calls the implementations one at a time and stops at
-  the first ``Reply``; it remembers which plugin gave it (logs, metrics).
+  the first refusal (4xx/5xx); it remembers which plugin gave it (logs, metrics). A positive reply
+  from a third-party plugin vouches for the command: later third-party implementations are
+  skipped, the builtins' checks still run, the core still records the sender or recipient or
+  stores the message, and the voucher is sent instead of the core's own success reply.
 * Order: builtins run in the contract's order of checks (``ingress.dispatch.BUILTIN_ORDER``);
   third-party implementations run after the builtins, before them when marked
   ``@hookimpl(tryfirst=True)``, last when marked ``@hookimpl(trylast=True)``; among themselves in
@@ -82,8 +85,8 @@ def connection_opened(session, settings):
 @hookspec
 def on_connect(session, settings):
     """A client connected. Decision hook: a ``Reply`` replaces the greeting (e.g. ``421`` with
-    ``close=True``) and, like any decision, ends the hook: the implementations after it do not
-    run (so a plugin that only wants another greeting text implements ``greeting``).
+    ``close=True``); a refusal ends the hook: the implementations after it do not run (a plugin
+    that only wants another greeting text implements ``greeting``).
 
     Plugins that need timers set them here with ``session.set_timeout(kind, seconds)`` (the core
     runs the clock; see :meth:`ingress.session.Session.set_timeout`). ``session.connections`` is

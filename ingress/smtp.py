@@ -57,6 +57,8 @@ R_SYNTAX = Reply(500, "5.5.2", "Syntax error, command unrecognized")
 R_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 R_NEED_HELO = Reply(503, "5.5.1", "Send HELO/EHLO first")
 R_OK = Reply(250, "2.0.0", "OK")
+R_SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+R_RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 
 
 def valid_address(address: str) -> bool:
@@ -437,7 +439,7 @@ class SMTPProtocol(AiosmtpdSMTP):
             return
         reply, plugin = await self.hooks.decide("on_helo", session=session, verb=verb,
                                                 hostname=arg)
-        if reply is not None:
+        if reply is not None and not reply.is_positive:  # vouched: the core still greets
             await self.send(reply, plugin)
             return
         auth_user = session.auth_user
@@ -491,11 +493,11 @@ class SMTPProtocol(AiosmtpdSMTP):
         transaction = Transaction(address, params, param_error=error)
         reply, plugin = await self.hooks.decide("on_mail_from", session=session,
                                                 transaction=transaction)
-        if reply is not None:
+        if reply is not None and not reply.is_positive:
             await self.send(reply, plugin)
             return
         session.transaction = transaction
-        await self.send(Reply(250, "2.1.0", "Sender OK"))
+        await self.send(reply or R_SENDER_OK, plugin or "core")
 
     async def cmd_rcpt(self, arg: str) -> None:
         session = self.session
@@ -524,11 +526,11 @@ class SMTPProtocol(AiosmtpdSMTP):
                               param_error=error)
         reply, plugin = await self.hooks.decide("on_rcpt", session=session,
                                                 transaction=transaction, recipient=recipient)
-        if reply is not None:
+        if reply is not None and not reply.is_positive:
             await self.send(reply, plugin)
             return
         transaction.recipients.append(recipient)
-        await self.send(Reply(250, "2.1.5", "Recipient OK"))
+        await self.send(reply or R_RECIPIENT_OK, plugin or "core")
 
     async def cmd_data(self, arg: str) -> None:
         session = self.session
@@ -593,10 +595,10 @@ class SMTPProtocol(AiosmtpdSMTP):
     async def _finish_message(self, transaction: Transaction, message: Message) -> None:
         session = self.session
         self._set_phase(BUSY)
-        reply, plugin = await self.hooks.decide("on_data", session=session,
-                                                transaction=transaction, message=message)
-        if reply is not None:
-            await self.send(reply, plugin)
+        vouched, voucher = await self.hooks.decide("on_data", session=session,
+                                                   transaction=transaction, message=message)
+        if vouched is not None and not vouched.is_positive:
+            await self.send(vouched, voucher)
             return
         if message.oversized:  # the size plugin set a limit and did not answer: still refuse
             await self.send(Reply(552, "5.3.4", "Message size exceeds fixed limit"))
@@ -621,7 +623,9 @@ class SMTPProtocol(AiosmtpdSMTP):
             transaction.id, session.peer_ip, transaction.mail_from,
             ",".join(f"<{r.address}>" for r in transaction.recipients), message.size,
         )
-        await self.send(Reply(250, "2.0.0", f"OK: queued as {transaction.id}"))
+        # A plugin's positive answer to the message is sent only now, once it is stored.
+        await self.send(vouched or Reply(250, "2.0.0", f"OK: queued as {transaction.id}"),
+                        voucher or "core")
         self._flush()  # the client need not wait for what plugins do after delivery
         await self.hooks.collect("after_delivery", session=session, transaction=transaction,
                                  message=message, delivered=result)
@@ -737,7 +741,7 @@ class SMTPProtocol(AiosmtpdSMTP):
             await self.send(Reply(504, "5.5.4", "Unrecognized authentication type"))
             return
         reply, plugin = await self.hooks.decide("on_auth", session=session, mechanism=name)
-        if reply is not None:
+        if reply is not None and not reply.is_positive:  # vouched: the exchange still runs
             await self.send(reply, plugin)
             return
         try:

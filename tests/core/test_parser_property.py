@@ -64,6 +64,10 @@ command = st.one_of(
 )
 
 
+PARAM_KEY = re.compile(r"[A-Z0-9][A-Z0-9-]*")
+PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+")
+
+
 class LineCounter:
     """Counts the Python lines executed while active: a deterministic measure of work."""
 
@@ -89,20 +93,22 @@ class LineCounter:
                                              st.lists(parameter, max_size=6))),
        keyword=st.sampled_from(["FROM:", "TO:"]))
 def test_parse_path_and_params_never_raise_and_stay_linear(arg, keyword):
-    with LineCounter() as work:
+    params, error, params_text = {}, None, ""
+    with LineCounter() as work:  # only the parsers run inside: the count is their work
         parsed = parse_path(arg, keyword)
         if parsed is not None:
-            address, params_text = parsed
-            assert isinstance(address, str) and isinstance(params_text, str)
-            valid_address(address)
-            params, error = parse_params(params_text)
-            assert error is None or isinstance(error, str)
-            for key, value in params.items():
-                assert key == key.upper() and re.fullmatch(r"[A-Z0-9][A-Z0-9-]*", key)
-                assert value is None or re.fullmatch(r"[\x21-\x3c\x3e-\x7e]+", value)
-            if error is None:
-                assert len(params) == len(params_text.split())
+            valid_address(parsed[0])
+            params, error = parse_params(parsed[1])
     assert work.lines <= 40 + 12 * len(arg), (work.lines, len(arg))
+    if parsed is not None:
+        address, params_text = parsed
+        assert isinstance(address, str) and isinstance(params_text, str)
+    assert error is None or isinstance(error, str)
+    for key, value in params.items():
+        assert key == key.upper() and PARAM_KEY.fullmatch(key)
+        assert value is None or PARAM_VALUE.fullmatch(value)
+    if parsed is not None and error is None:
+        assert len(params) == len(params_text.split())
 
 
 @settings(max_examples=400, deadline=None)
