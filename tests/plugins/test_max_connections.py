@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import random
 import re
+import signal
 import socket
 import struct
 import time
@@ -364,6 +366,34 @@ def test_per_ip_holds_across_two_workers(ingress_server):
         served_exactly(server, 5, refused=REFUSED_PER_IP)
     finally:
         close_all(held)
+
+
+def test_a_dead_workers_per_ip_counts_are_forgotten(ingress_server):
+    """A worker killed with connections open cannot give their counts back; its replacement
+    starts from zero, so exactly the survivor's connections still count."""
+    per_ip = 20
+    server = ingress_server({**config(0, per_ip=per_ip, connection_count={"limit": 0}),
+                             "server": {"workers": 2, "plugin_modules": ["connection_count"]}})
+    held = hold(server, per_ip)
+    try:
+        pids = [re.fullmatch(r"pid (\d+) connections \d+", text)[1] for _, (_, text) in held]
+        victim = pids[0]
+        survivors = [pid for pid in pids if pid != victim]
+        assert 0 < len(survivors) < per_ip, "both workers took connections"
+        os.kill(int(victim), signal.SIGKILL)
+        eventually(lambda: f"(pid {victim}) exited with -9" in server.log(),
+                   what="the parent noticed")
+        # At once, no retries: until the replacement listens every connection goes to the
+        # survivor, which would still see the victim's counts had they not been cleared.
+        free = per_ip - len(survivors)
+        more = hold(server, free + 1)
+        held += more
+        assert [reply for _, reply in more] == [reply for _, reply in more[:free]] + [
+            REFUSED_PER_IP]
+        assert all(code == 220 for _, (code, _) in more[:free])
+    finally:
+        for raw, _ in held:
+            raw.close()
 
 
 def ipv6_loopback() -> bool:
