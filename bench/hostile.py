@@ -22,8 +22,10 @@ own counts). The server's resident memory (the sum over its process tree) is sam
 
 ``--server-python`` lets the same script measure another installation (say, a checkout of an
 older commit in its own virtual environment), so before/after numbers come from one machine and
-one client. Every loop is bounded; only 127.0.0.1-127.0.0.255 are contacted. Prints one JSON
-object. Not part of the test suite.
+one client. ``--set PATH=VALUE`` (repeatable; VALUE is JSON, else a string) sets one more config
+value after the attack's, e.g. ``--set plugins.max_connections.per_ip=10``: a setting the older
+installation does not know can then be given to the newer one only. Every loop is bounded;
+only 127.0.0.1-127.0.0.255 are contacted. Prints one JSON object. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -181,10 +183,27 @@ async def phase(pid: int, port: int, seconds: float, attack=None) -> dict:
     return out
 
 
+def setting(text: str) -> dict:
+    """``a.b.c=VALUE`` as ``{"a": {"b": {"c": VALUE}}}``."""
+    path, eq, raw = text.partition("=")
+    if not eq or not path:
+        raise argparse.ArgumentTypeError(f"expected PATH=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    for key in reversed(path.split(".")):
+        value = {key: value}
+    return value
+
+
 async def measure(args, module) -> dict:
     with tempfile.TemporaryDirectory(prefix="ingress-hostile-") as tmp:
         workdir = Path(tmp)
-        proc, port = start_server(args.server_python, workdir, module.config(workdir))
+        extra = module.config(workdir)
+        for value in args.set:
+            extra = merge(extra, value)
+        proc, port = start_server(args.server_python, workdir, extra)
         try:
             await asyncio.sleep(1)
             quiet = await phase(proc.pid, port, args.seconds)
@@ -192,7 +211,8 @@ async def measure(args, module) -> dict:
         finally:
             stop_process(proc, grace=10)
         return {"attack": args.attack, "seconds": args.seconds,
-                "server_python": args.server_python, "quiet": quiet, "attacked": attacked}
+                "server_python": args.server_python, "config": extra,
+                "quiet": quiet, "attacked": attacked}
 
 
 def main() -> int:
@@ -201,6 +221,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20, help="length of each phase")
     parser.add_argument("--server-python", default=sys.executable,
                         help="the interpreter whose installed ingress is measured")
+    parser.add_argument("--set", type=setting, action="append", default=[], metavar="PATH=VALUE",
+                        help="one more config value, after the attack's (repeatable)")
     args = parser.parse_args()
     module = importlib.import_module(f"attacks.{args.attack}")
     print(json.dumps(asyncio.run(measure(args, module)), indent=2))

@@ -192,6 +192,8 @@ class Server:
                     {"address": f"user{i}@{DOMAIN}", "password": f"pw{i}"}
                     for i in range(USERS)]},
                 "delivery": {"maildir": str(self.maildir), "queue": str(self.workdir / "queue")},
+                # every session comes from 127.0.0.1: no limit per client address
+                "plugins": {"max_connections": {"per_ip": 0}},
             }
             path = self.workdir / "ingress.json"
             path.write_text(json.dumps(config, indent=1))

@@ -89,8 +89,10 @@ def on_connect(session, settings):
     that only wants another greeting text implements ``greeting``).
 
     Plugins that need timers set them here with ``session.set_timeout(kind, seconds)`` (the core
-    runs the clock; see :meth:`ingress.session.Session.set_timeout`). ``session.connections`` is
-    the number of open connections, this one included.
+    runs the clock; see :meth:`ingress.session.Session.set_timeout`, and
+    :meth:`~ingress.session.Session.set_min_data_rate`). ``session.connections`` is the number of
+    open connections, this one included; :meth:`~ingress.session.Session.count_concurrent`
+    counts open connections per key (say, per client address), across workers too.
     """
 
 

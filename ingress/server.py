@@ -15,6 +15,7 @@ from typing import Any
 from ingress import config as config_mod
 from ingress import metrics
 from ingress.errors import ConfigError, IngressError
+from ingress.keycounts import KeyCounts
 from ingress.reply import Reply
 from ingress.smtp import SMTPProtocol
 
@@ -172,6 +173,7 @@ class Worker:
     metrics_listen: str  # "" except in the worker that serves /metrics
     open_connections: Any  # a shared array of per-worker counts (multiprocessing.RawArray)
     parent_fd: int  # read end of a pipe the parent never writes to: EOF means it is gone
+    key_table: Any = None  # shared open connections per key, a region per worker (keycounts)
 
 
 class Server:
@@ -180,6 +182,8 @@ class Server:
         self.worker = worker
         self.tls_context = tls_context(cfg)
         self.own_connections = 0  # open connections of this process, exact
+        self.key_counts = KeyCounts() if worker is None or worker.key_table is None else (
+            KeyCounts(worker.key_table, worker.slot, len(worker.open_connections)))
         self.protocols: set[SMTPProtocol] = set()
         self.listeners: list[asyncio.AbstractServer] = []
         self.messages_accepted = 0

@@ -122,6 +122,9 @@ class SMTPProtocol(AiosmtpdSMTP):
         self._eof = False  # the client's end of stream was seen
         self._aborted = False  # we cut the session: process nothing more
         self._counted = False  # this connection is in server.connections
+        self._keys: list[str] = []  # and counted under these keys (session.count_concurrent)
+        self._rx_octets = 0  # received on this connection so far
+        self._rate_from: tuple[float, int] | None = None  # see _start_data_rate
         self._plain = not tls_listener  # no TLS layer (yet) between the socket and us
         self._handler_task: asyncio.Task | None = None
         self._out: list[bytes] = []  # replies not yet handed to the transport (see _flush)
@@ -142,11 +145,13 @@ class SMTPProtocol(AiosmtpdSMTP):
             tls=self.tls_listener,
             connections=self.server.connections,
         )
+        self.session._count_concurrent = self._count_concurrent
         self._last_rx = self._last_reply = self.loop.time()
         self._handler_task = self.loop.create_task(self._handle_client())
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = self.loop.time()
+        self._rx_octets += len(data)
         asyncio.StreamReaderProtocol.data_received(self, data)
         if self._phase == IDLE and "command" in self.session.timeouts:
             self._arm()  # a partial command line now runs on the command timer
@@ -195,6 +200,17 @@ class SMTPProtocol(AiosmtpdSMTP):
         if self._counted:
             self._counted = False
             self.server.connection_closed(self)
+            for key in self._keys:
+                self.server.key_counts.remove(key)
+            self._keys.clear()
+
+    def _count_concurrent(self, key: str) -> int:
+        counts = self.server.key_counts
+        # Not once released (the client is gone): that count would never be taken back.
+        if self._counted and counts.add(key):
+            self._keys.append(key)
+            return counts.total(key)
+        return counts.total(key) + 1
 
     # --- timers: the core owns the clock, plugins set the durations ---------------------------
 
@@ -218,9 +234,23 @@ class SMTPProtocol(AiosmtpdSMTP):
         else:
             return None
         seconds = self.session.timeouts.get(kind)
-        if seconds is None:
-            return None
-        return kind, max(self._last_reply, self._last_rx) + seconds
+        due = None if seconds is None else max(self._last_reply, self._last_rx) + seconds
+        rate = self.session.min_data_rate
+        if kind == "command" and rate and self._rate_from is not None:
+            started, octets = self._rate_from
+            # when what arrived since the start falls below rate * (t - grace)
+            behind = started + rate[1] + (self._rx_octets - octets) / rate[0]
+            if due is None or behind < due:
+                return "data rate", behind
+        return None if due is None else (kind, due)
+
+    def _start_data_rate(self) -> None:
+        """A DATA body (later also a BDAT chunk) starts: from now on it runs on the minimum data
+        rate too, if one is set (session.set_min_data_rate), until _stop_data_rate."""
+        self._rate_from = (self.loop.time(), self._rx_octets - len(self._reader._buffer))
+
+    def _stop_data_rate(self) -> None:
+        self._rate_from = None
 
     def _arm(self) -> None:
         self._cancel_timer()
@@ -238,7 +268,8 @@ class SMTPProtocol(AiosmtpdSMTP):
             self._timer = self.loop.call_at(when, self._on_timer)
             return
         text = "Session timeout" if kind == "idle" else "Command timeout"
-        log.info("session %s %s: %s", self.session.id, self.session.peer_ip, text.lower())
+        log.info("session %s %s: %s%s", self.session.id, self.session.peer_ip, text.lower(),
+                 " (data rate)" if kind == "data rate" else "")
         if self.transport.get_write_buffer_size() or not (self._plain or self.session.tls):
             # It has not even taken our earlier replies, or it is stuck in the TLS handshake
             # after STARTTLS: a 421 could not reach it.
@@ -548,12 +579,15 @@ class SMTPProtocol(AiosmtpdSMTP):
         self._last_reply = self.loop.time()
         message = Message(self.server.spool_dir(self.config), transaction.data_limit)
         try:
+            self._start_data_rate()
             complete = await self._receive(message)
+            self._stop_data_rate()
             session.transaction = None
             if not complete or self._aborted:
                 return  # an incomplete message is never delivered
             await self._finish_message(transaction, message)
         finally:
+            self._stop_data_rate()
             message.close()
 
     async def _receive(self, message: Message) -> bool:

@@ -111,8 +111,10 @@ class RunningServer:
         kwargs.setdefault("timeout", 10)
         return smtplib.SMTP(self.host, self.port, **kwargs)
 
-    def raw(self, port: int | None = None) -> SMTPRaw:
-        return SMTPRaw(self.host, port or self.port)
+    def raw(self, port: int | None = None, source: str | None = None) -> SMTPRaw:
+        """An :class:`SMTPRaw` connected to the first plain listener (or *port*), from the
+        local address *source* if given (say ``127.0.0.2``, another client address)."""
+        return SMTPRaw(self.host, port or self.port, source=source)
 
     def mailbox(self, address: str) -> list[bytes]:
         """The messages in the Maildir ``new/`` of *address*, oldest first."""
@@ -340,8 +342,9 @@ def ingress_inprocess_server(tmp_path):
 class SMTPRaw:
     """A byte-level SMTP client for tests of rude, slow and malformed clients."""
 
-    def __init__(self, host: str, port: int, timeout: float = 10):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host: str, port: int, timeout: float = 10, source: str | None = None):
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self._buffer = b""
 
     def send(self, data: bytes | str) -> None:
