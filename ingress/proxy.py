@@ -39,20 +39,33 @@ async def read_header(sock: socket.socket, timeout: float) -> tuple[str, int] | 
     :class:`ProxyError`."""
     buf = bytearray()
     try:
-        return await asyncio.wait_for(_read(sock, buf), timeout)
-    except asyncio.TimeoutError:
+        return await _read(sock, buf, asyncio.get_running_loop().time() + timeout)
+    except _Late:
         if buf:
             raise ProxyError(f"incomplete PROXY header after {timeout:g}s") from None
         raise ProxyError(f"no PROXY header within {timeout:g}s") from None
 
 
-async def _readable(sock: socket.socket) -> None:
+class _Late(Exception):
+    pass
+
+
+async def _readable(sock: socket.socket, deadline: float) -> None:
+    """Wait until *sock* has data; raise _Late at *deadline*. (A timer, not asyncio.wait_for,
+    which would cost a task per connection; a header already there costs no wait at all.)"""
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
-    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+
+    def wake(exc: Exception | None = None) -> None:
+        if not ready.done():
+            ready.set_exception(exc) if exc else ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    timer = loop.call_at(deadline, wake, _Late())
     try:
         await ready
     finally:
+        timer.cancel()
         loop.remove_reader(sock.fileno())
 
 
@@ -67,7 +80,7 @@ def _recv(sock: socket.socket, n: int, flags: int = 0) -> bytes | None:
                          f"{exc.strerror or exc}") from None
 
 
-async def _read(sock: socket.socket, buf: bytearray) -> tuple[str, int] | None:
+async def _read(sock: socket.socket, buf: bytearray, deadline: float) -> tuple[str, int] | None:
     while True:
         if buf[:1] == V2_SIGNATURE[:1]:
             # v2: the fixed part says how long the rest is; read exactly that much.
@@ -80,7 +93,7 @@ async def _read(sock: socket.socket, buf: bytearray) -> tuple[str, int] | None:
                 end = data.find(b"\n")
                 data = _recv(sock, end + 1 if end >= 0 else len(data))
         if data is None:
-            await _readable(sock)
+            await _readable(sock, deadline)
             continue
         if not data:
             raise ProxyError("connection closed before the PROXY header ended" if buf
