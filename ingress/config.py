@@ -19,7 +19,7 @@ import jsonschema
 import yaml
 
 import ingress_schemas
-from ingress import manager
+from ingress import ipnets, manager
 from ingress.directory import Directory, DirectoryError
 from ingress.dispatch import Hooks
 from ingress.errors import ConfigError, PluginError
@@ -230,6 +230,12 @@ def build(raw: Any, path: Path | None, base_dir: Path,
     if server["listen_tls"] and not server["tls_cert"]:
         raise ConfigError(f"{source}: /server/listen_tls: implicit TLS listeners need "
                           "server.tls_cert and server.tls_key")
+    bad_proxies = [f"{source}: {pointer(['server', 'proxy_protocol', i])}: {entry!r} is not an "
+                   "IP address or CIDR network"
+                   for i, entry in enumerate(server["proxy_protocol"])
+                   if ipnets.parse_network(entry) is None]
+    if bad_proxies:
+        raise ConfigError(bad_proxies)
     try:
         directory = Directory.from_config(data["directory"], base_dir)
     except DirectoryError as exc:

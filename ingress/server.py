@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ingress import config as config_mod
-from ingress import metrics
+from ingress import ipnets, metrics, proxy
 from ingress.errors import ConfigError, IngressError
 from ingress.keycounts import KeyCounts
 from ingress.reply import Reply
@@ -146,6 +146,14 @@ class Listener:
             local = conn.getsockname()
         except OSError:
             local = self.sock.getsockname()
+        settings = server.config.server
+        if ipnets.matches(peer[0], settings["proxy_protocol"]):
+            try:
+                peer = await proxy.read_header(conn, settings["proxy_timeout"]) or peer
+            except proxy.ProxyError as exc:
+                log.warning("connection from proxy %s closed: %s", peer[0], exc)
+                conn.close()
+                return
         try:
             await self.loop.connect_accepted_socket(
                 lambda: SMTPProtocol(server, tls_listener=self.tls, peer=peer, local=local),

@@ -11,18 +11,14 @@ Other plugins may import :func:`per_domain_statistics` (metrics leave out per-do
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import logging
 
 import ingress_schemas
-from ingress import Reply, hookimpl
+from ingress import Reply, hookimpl, ipnets
 
 log = logging.getLogger("ingress.relay")
 
 DENIED = Reply(550, "5.7.1", "Relaying denied")
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @hookimpl
@@ -30,20 +26,8 @@ def config_schema():
     return ingress_schemas.load("relay")
 
 
-@functools.lru_cache(maxsize=64)
-def networks(whitelist: tuple[str, ...]) -> tuple[IPNetwork, ...]:
-    """The whitelist parsed once per distinct list (host bits allowed: 10.1.2.3/8 is 10/8)."""
-    return tuple(ipaddress.ip_network(entry, strict=False) for entry in whitelist)
-
-
 def whitelisted(peer_ip: str, whitelist: list[str]) -> bool:
-    try:
-        ip = ipaddress.ip_address(peer_ip.partition("%")[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d
-    return any(ip.version == net.version and ip in net for net in networks(tuple(whitelist)))
+    return ipnets.matches(peer_ip, whitelist)
 
 
 def relay_reason(session, transaction, settings) -> str | None:

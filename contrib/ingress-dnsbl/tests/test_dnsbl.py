@@ -209,3 +209,21 @@ def test_installed_plugin_is_listed_and_its_config_checked(tmp_path):
     assert result.returncode == 2
     assert f"{bad}: /plugins/dnsbl/zone: unknown key 'zone'" in result.stderr.splitlines()
     assert f"{bad}: /plugins/dnsbl/check_at:" in result.stderr
+
+
+@pytest.mark.parametrize("option", ["send-proxy", "send-proxy-v2"])
+def test_client_behind_haproxy_is_looked_up(ingress_server, blocklists, tmp_path, option):
+    """Behind a real HAProxy that sends PROXY headers, the client (127.0.0.2) is looked up,
+    not HAProxy (127.0.0.1)."""
+    from ingress.testing import HAProxy
+
+    blocklists.answers["2.0.0.127.bl.test"] = "127.0.0.2"
+    blocklists.answers[f"{CLIENT}.bl.test"] = "127.0.0.2"  # HAProxy's address: must not matter
+    server = ingress_server({**dnsbl(zones=["bl.test"], resolver=blocklists.resolver),
+                             "server": {"proxy_protocol": ["127.0.0.1"]}})
+    with HAProxy(tmp_path / "haproxy", [(server.host, server.port)], option) as proxy:
+        with proxy.raw(source="127.0.0.2") as client:
+            assert client.reply() == (554, "5.7.1 127.0.0.2 listed by bl.test")
+        with proxy.raw(source="127.0.0.3") as client:
+            assert client.reply()[0] == 220
+    assert sorted(blocklists.questions) == ["2.0.0.127.bl.test", "3.0.0.127.bl.test"]
