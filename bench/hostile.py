@@ -34,8 +34,6 @@ import argparse
 import asyncio
 import importlib
 import json
-import os
-import re
 import statistics
 import subprocess
 import sys
@@ -43,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import start_ingress, tree_cpu_seconds, tree_rss_kib
 from common import stop as stop_process
 
 HOST = "127.0.0.1"
@@ -65,29 +64,6 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def tree_rss_kib(pid: int) -> int:
-    """VmRSS summed over *pid* and its descendants (workers)."""
-    total, pending = 0, [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-            for task in Path(f"/proc/{current}/task").iterdir():
-                children = (task / "children").read_text().split()
-                pending.extend(int(child) for child in children)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # utime, stime and the children's cutime, cstime (workers that have exited)
-    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
 def start_server(python: str, workdir: Path, extra: dict) -> tuple[subprocess.Popen, int]:
     config = merge({
         "server": {"hostname": HOSTNAME, "listen": [f"{HOST}:0"], "drain_seconds": 1},
@@ -95,21 +71,7 @@ def start_server(python: str, workdir: Path, extra: dict) -> tuple[subprocess.Po
                       "domain_settings": {"hostile.test": {"catch_all": True}}},
         "delivery": {"maildir": str(workdir / "mail"), "queue": str(workdir / "queue")},
     }, extra)
-    path = workdir / "hostile.json"
-    path.write_text(json.dumps(config))
-    with open(workdir / "server.log", "wb") as log:
-        proc = subprocess.Popen([python, "-m", "ingress", "serve", "--config", str(path)],
-                                stdout=subprocess.PIPE, stderr=log, cwd=workdir)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline().decode()
-        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-        if found:
-            return proc, int(found[1])
-        if not line:
-            break
-    proc.kill()
-    sys.exit("the server did not start:\n" + (workdir / "server.log").read_text())
+    return start_ingress(config, workdir, python=python)
 
 
 async def expect(reader: asyncio.StreamReader, code: str) -> None:

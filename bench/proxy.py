@@ -20,8 +20,6 @@ and checks that the Maildir holds exactly the acknowledged messages::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -30,7 +28,7 @@ import time
 from pathlib import Path
 
 import common
-from run import SMTP_SOURCE, wait_quiet
+from run import wait_quiet
 
 from ingress import proxy
 from ingress.testing import HAProxy
@@ -39,14 +37,6 @@ DOMAIN = "bench.test"
 TRUSTED, UNTRUSTED = "127.0.0.2", "127.0.0.3"
 VARIANTS = ("plain", "proxy-v2", "direct")
 RUN_TIMEOUT = 600
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process *pid* so far (less sensitive to other load than a
-    rate: what the server spends per message)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def start_ingress(workdir: Path, uvloop: bool) -> tuple[subprocess.Popen, int]:
@@ -57,36 +47,16 @@ def start_ingress(workdir: Path, uvloop: bool) -> tuple[subprocess.Popen, int]:
                       "users": [{"address": f"user0@{DOMAIN}", "password": "pw"}]},
         "delivery": {"maildir": str(workdir / "mail"), "queue": str(workdir / "queue")},
     }
-    path = workdir / "ingress.json"
-    path.write_text(json.dumps(config, indent=1))
-    with open(workdir / "ingress.log", "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ingress", "serve", "--config", str(path),
-             *([] if uvloop else ["--no-uvloop"])],
-            stdout=subprocess.PIPE, stderr=log, cwd=workdir)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = process.stdout.readline().decode(errors="replace")
-        if not line:
-            raise RuntimeError("ingress exited before it was ready:\n"
-                               + (workdir / "ingress.log").read_text(errors="replace")[-3000:])
-        if line.startswith("ingress: listening on"):
-            return process, int(line.split()[3].rpartition(":")[2])
-    raise RuntimeError("ingress did not get ready in 60s")
+    return common.start_ingress(config, workdir, args=() if uvloop else ("--no-uvloop",))
 
 
 def smtp_source(port: int, sessions: int, messages: int, size: int) -> dict:
-    argv = [SMTP_SOURCE, "-c", "-s", str(sessions), "-m", str(messages), "-l", str(size),
-            "-f", "sender@client.test", "-t", f"user0@{DOMAIN}", "-M", "client.test",
-            f"127.0.0.1:{port}"]
-    started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, timeout=RUN_TIMEOUT)
-    elapsed = time.perf_counter() - started
-    counts = [c for c in done.stdout.decode().replace("\r", "\n").split() if c.isdigit()]
-    acked = int(counts[-1]) if counts else 0
-    if done.returncode:
-        print(f"  smtp-source failed: {done.stderr.decode(errors='replace')[-300:]}")
-    return {"acked": acked, "rate": acked / elapsed, "ok": done.returncode == 0}
+    done = common.smtp_source(port, sessions=sessions, messages=messages, size=size,
+                              to=f"user0@{DOMAIN}", timeout=RUN_TIMEOUT)
+    if done["returncode"]:
+        print(f"  smtp-source failed: {done['stderr']}")
+    return {"acked": done["acked"], "rate": done["acked"] / done["elapsed"],
+            "ok": done["returncode"] == 0}
 
 
 HEADERS = {
@@ -143,7 +113,7 @@ def main() -> int:
     cpu_us: dict[str, list[float]] = {v: [] for v in VARIANTS}
     acked_total, failures = 0, 0
     with tempfile.TemporaryDirectory(prefix="bench-proxy-", dir=args.workdir) as tmp:
-        workdir = Path(tmp)
+        workdir = Path(tmp).resolve()
         ingress, port = start_ingress(workdir, not args.no_uvloop)
         proxies = {
             "plain": HAProxy(workdir / "plain", [("127.0.0.1", port)], f"source {UNTRUSTED}"),
@@ -157,10 +127,11 @@ def main() -> int:
             for round_ in range(1, args.rounds + 1):
                 for variant in VARIANTS:
                     busy = wait_quiet(args.quiet, 120)
-                    cpu0 = cpu_seconds(ingress.pid)
+                    cpu0 = common.tree_cpu_seconds(ingress.pid)
                     result = smtp_source(ports[variant], args.sessions, args.messages,
                                          args.size)
-                    cpu = (cpu_seconds(ingress.pid) - cpu0) / max(result["acked"], 1) * 1e6
+                    cpu = common.tree_cpu_seconds(ingress.pid) - cpu0
+                    cpu = cpu / max(result["acked"], 1) * 1e6
                     cpu_us[variant].append(cpu)
                     acked_total += result["acked"]
                     failures += not result["ok"]

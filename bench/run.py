@@ -37,7 +37,7 @@ import common
 import haraka
 
 HERE = Path(__file__).resolve().parent
-SMTP_SOURCE = "/usr/sbin/smtp-source"
+SMTP_SOURCE = common.SMTP_SOURCE
 SMTP_SINK = "/usr/sbin/smtp-sink"
 DOMAIN = "bench.test"
 USERS = 4
@@ -68,30 +68,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_tree(pid: int) -> list[int]:
-    """*pid* and its descendants (workers)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    return tree
-
-
 def reset_peak_rss(pid: int) -> None:
     """Start the peak RSS count afresh for *pid* and its descendants, so that it covers the
     load, not start-up (ingress computes a 64 MiB argon2 hash at start, then frees it)."""
-    for p in process_tree(pid):
+    for p in common.process_tree(pid):
         try:
             Path(f"/proc/{p}/clear_refs").write_text("5")
         except OSError:
@@ -102,7 +82,7 @@ def peak_rss_kb(pid: int) -> int:
     """Peak resident set (VmHWM) of *pid* plus its descendants, in KiB: an upper bound of what
     the server held at once."""
     total = 0
-    for p in process_tree(pid):
+    for p in common.process_tree(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
@@ -110,18 +90,6 @@ def peak_rss_kb(pid: int) -> int:
         except OSError:
             pass
     return total
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of *pid* and its live descendants."""
-    ticks = 0
-    for p in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_busy(seconds: float = 0.5) -> float:
@@ -234,7 +202,7 @@ class Server:
             self.process.stdout.close()
 
     def cpu_seconds(self) -> float:
-        return tree_cpu_seconds(self.process.pid)
+        return common.tree_cpu_seconds(self.process.pid)
 
     def stored(self) -> int | None:
         if self.kind == "sink" or self.kind.startswith("haraka"):
@@ -274,20 +242,15 @@ class Workload:
 
 def run_client(client: str, port: int, work: Workload, workdir: Path, uvloop: bool) -> dict:
     if client == "smtp-source":
-        argv = [SMTP_SOURCE, "-c", "-s", str(work.sessions), "-m", str(work.messages),
-                "-l", str(work.size), "-f", "sender@client.test", "-t", f"user0@{DOMAIN}",
-                "-M", "client.test", *(["-d"] if work.mode == "many" else []),
-                f"127.0.0.1:{port}"]
-        started = time.perf_counter()
-        done = subprocess.run(argv, capture_output=True, timeout=RUN_TIMEOUT)
-        elapsed = time.perf_counter() - started
-        counts = [c for c in done.stdout.decode().replace("\r", "\n").split() if c.isdigit()]
-        acked = int(counts[-1]) if counts else 0
+        done = common.smtp_source(port, sessions=work.sessions, messages=work.messages,
+                                  size=work.size, to=f"user0@{DOMAIN}", many=work.mode == "many",
+                                  timeout=RUN_TIMEOUT)
+        acked, elapsed = done["acked"], done["elapsed"]
         # smtp-source stops at the first unexpected reply; what it counted was acknowledged.
-        failed = work.messages - acked if done.returncode else 0
+        failed = work.messages - acked if done["returncode"] else 0
         return {"acked": acked, "failed": failed, "elapsed": elapsed,
                 "rate": acked / elapsed, "p50_ms": None, "p99_ms": None,
-                "errors": {done.stderr.decode(errors="replace")[-200:]: 1} if failed else {}}
+                "errors": {done["stderr"][-200:]: 1} if failed else {}}
     acked_file = workdir / "acked.txt"
     argv = [sys.executable, str(HERE / "client.py"), "--port", str(port),
             "--messages", str(work.messages), "--sessions", str(work.sessions),
