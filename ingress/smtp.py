@@ -629,6 +629,11 @@ class SMTPProtocol(AiosmtpdSMTP):
     async def _finish_message(self, transaction: Transaction, message: Message) -> None:
         session = self.session
         self._set_phase(BUSY)
+        if message.failed is not None and not message.oversized:  # disk full, permission
+            log.error("queue id %s: spooling the message failed: %s", transaction.id,
+                      message.failed)
+            await self.send(Reply(451, "4.3.0", "Local storage error, try again later"))
+            return
         vouched, voucher = await self.hooks.decide("on_data", session=session,
                                                    transaction=transaction, message=message)
         if vouched is not None and not vouched.is_positive:

@@ -20,7 +20,7 @@ object replaces an installed plugin of the same name for that server, so a plugi
 hand it a fake clock or resolver. Its log records go through :mod:`logging` (use ``caplog``).
 
 ``SMTPRaw`` is a byte-level client for rude and slow clients; :class:`HAProxy` runs a real HAProxy
-in front of a server.
+in front of a server; ``small_filesystem`` mounts a small file system for disk-full tests.
 """
 
 from __future__ import annotations
@@ -428,6 +428,28 @@ def ingress_inprocess_server(tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def small_filesystem():
+    """Factory: ``small_filesystem(path, kib)`` mounts a RAM file system of *kib* KiB on *path*
+    (made if missing) for disk-full tests, and unmounts it after the test. Needs root (the test
+    is skipped without). Request it before the server fixture, so the server stops first."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, kib: int) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 class SMTPRaw:
