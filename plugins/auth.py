@@ -23,6 +23,7 @@ import hmac
 import os
 import re
 import secrets
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -73,14 +74,30 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+CHECK_NICENESS = 10  # added to the check threads' nice value (Linux only)
+
+
+def _lower_priority() -> None:
+    """Make this thread (and the threads argon2 starts from it) yield the CPU to the event
+    loop: when the CPUs are busy with hashes, SMTP sessions and deliveries still get their
+    turn at once. Linux only, where a thread has a nice value of its own."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHECK_NICENESS)
+        except OSError:
+            pass
+
+
 class CheckPool:
-    """Threads for password checks only, at most *size* running at once; further checks wait
-    in the executor's queue as a function and its arguments. A check whose client has gone by
-    the time a thread is free is skipped, so clients that reset at once cannot pile up work."""
+    """Threads for password checks only, at most *size* running at once, at a lower CPU
+    priority; further checks wait in the executor's queue as a function and its arguments. A
+    check whose client has gone by the time a thread is free is skipped, so clients that reset
+    at once cannot pile up work."""
 
     def __init__(self, size: int):
         self.size = size
-        self._executor = ThreadPoolExecutor(size, thread_name_prefix="ingress-auth")
+        self._executor = ThreadPoolExecutor(size, thread_name_prefix="ingress-auth",
+                                            initializer=_lower_priority)
         self._lock = threading.Lock()
         self.running = self.waiting = self.running_max = 0
 

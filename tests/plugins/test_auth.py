@@ -10,9 +10,11 @@ import hmac
 import re
 import smtplib
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import aiosmtplib
 import argon2
@@ -541,7 +543,7 @@ def test_password_checks_run_at_most_one_per_cpu_at_once(ingress_server):
     """A flood of failing AUTHs from many sessions at once: the server's own count of checks
     running at the same time (``ingress_auth_checks_running_max``) reaches one per CPU and never
     more, and every session still gets its 535."""
-    from ingress_plugins.auth import cpu_count
+    from ingress_plugins.auth import CHECK_NICENESS, cpu_count
 
     cpus = cpu_count()
     server = ingress_server({
@@ -567,3 +569,9 @@ def test_password_checks_run_at_most_one_per_cpu_at_once(ingress_server):
     assert metric(server, "ingress_auth_checks_running_max") == cpus
     assert metric(server, "ingress_auth_checks_running") == 0
     assert metric(server, "ingress_auth_checks_waiting") == 0
+    if sys.platform.startswith("linux"):
+        # The pool's threads are there, one per CPU, and give way to the event loop's thread.
+        nice = {int(task.name): int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+                for task in Path(f"/proc/{server.pid}/task").iterdir()}
+        assert list(nice.values()).count(CHECK_NICENESS) == cpus, nice
+        assert nice[server.pid] == 0, nice
