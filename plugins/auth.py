@@ -166,7 +166,7 @@ class _TimedExchange:
 
     async def challenge(self, data: bytes) -> bytes:
         answer = await self._exchange.challenge(data)
-        self.last_input = asyncio.get_running_loop().time()
+        self.last_input = time.monotonic()
         return answer
 
     @property
@@ -183,12 +183,13 @@ class _Delayed(Mechanism):
         self.failure_delay = failure_delay
 
     async def authenticate(self, session, exchange, initial):
-        loop = asyncio.get_running_loop()
-        timed = _TimedExchange(exchange, loop.time())
+        timed = _TimedExchange(exchange, time.monotonic())
         user = await self.check(session, timed, initial)
-        if user is None and not exchange.closed:
-            remaining = timed.last_input + self.failure_delay - loop.time()
-            if remaining > 0:
+        if user is None:
+            # The loop's clock and timers may run up to a millisecond early (uvloop counts whole
+            # milliseconds): check against the system's monotonic clock until the time is up.
+            deadline = timed.last_input + self.failure_delay
+            while not exchange.closed and (remaining := deadline - time.monotonic()) > 0:
                 await asyncio.sleep(remaining)  # holds no thread: the loop serves others
         return user
 
