@@ -9,8 +9,9 @@ argon2id user (64 MiB, time cost 3, parallelism 4; listed first, so the dummy ha
 users are checked against is made like it) and a bcrypt user (cost 12), ``[plugins.auth]`` at its
 defaults except that PLAIN is allowed without TLS. Each round times, in a shuffled order, one
 wrong password per kind of user, each on a fresh session, one at a time: from just before the
-AUTH line is sent to the 535. Prints per kind the mean, standard deviation, minimum and maximum in
-milliseconds, and Welch's t for each pair (|t| of a few or more: the kinds can be told apart).
+AUTH line is sent to the 535. Prints per kind the mean, standard deviation, median, minimum and
+maximum in milliseconds, and Welch's t for each pair (|t| of a few or more: the kinds can be told
+apart).
 Every loop is bounded; only 127.0.0.1 is contacted. Not part of the test suite.
 """
 
@@ -89,7 +90,8 @@ async def measure(args) -> dict:
     return {
         "server_python": args.server_python, "rounds": args.rounds,
         "ms": {kind: {"mean": round(statistics.mean(v), 1), "stdev": round(statistics.stdev(v), 1),
-                      "min": round(min(v), 1), "max": round(max(v), 1)}
+                      "median": round(statistics.median(v), 1), "min": round(min(v), 1),
+                      "max": round(max(v), 1)}
                for kind, v in ms.items()},
         "welch_t": {f"{a} vs {b}": round(welch_t(ms[a], ms[b]), 2)
                     for a, b in itertools.combinations(USERS, 2)},
