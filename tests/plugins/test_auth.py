@@ -451,6 +451,20 @@ def test_acting_as_someone_else_is_delayed_too(ingress_server):
         assert code == 535 and time.monotonic() - started >= DELAY
 
 
+def test_failure_after_starttls_is_delayed_too(ingress_server, tls):
+    server = ingress_server(config(server=tls.server(), failure_delay=DELAY))
+    with server.raw() as raw:
+        raw.sock.settimeout(30)
+        raw.reply()
+        raw.cmd("EHLO c")
+        assert raw.starttls(tls.context(), server_hostname="mx.test")[0] == 220
+        raw.cmd("EHLO c")
+        started = time.monotonic()
+        assert raw_auth_plain(raw, "crypt@example.test", "wrong")[0] == 535
+        assert time.monotonic() - started >= DELAY
+        assert raw_auth_plain(raw, "crypt@example.test", "bcryptpw")[0] == 235
+
+
 def test_success_is_not_delayed(ingress_server):
     """With a failure_delay of 30 s, right passwords are answered at once: well before 15 s
     (the client would time out at 20 s), by every mechanism and hash type."""
