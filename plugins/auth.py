@@ -28,7 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 import ingress_schemas
 from ingress import Reply, hookimpl
@@ -64,6 +64,10 @@ WAITING = Gauge("ingress_auth_checks_waiting", "Password checks waiting for a fr
 RUNNING_MAX = Gauge("ingress_auth_checks_running_max",
                     "Most password checks that ran at once since the start (per worker)",
                     registry=REGISTRY, multiprocess_mode="livemax")
+
+SKIPPED = Counter("ingress_auth_checks_skipped",
+                  "Password checks not run because the client had gone before their turn",
+                  registry=REGISTRY)
 
 
 def cpu_count() -> int:
@@ -113,6 +117,7 @@ class CheckPool:
     def _call(self, gone, fn, args):
         if gone():
             self._count(0, -1)
+            SKIPPED.inc()
             return None
         self._count(1, -1)
         try:

@@ -7,8 +7,11 @@ import asyncio
 import base64
 import concurrent.futures
 import hmac
+import os
 import re
 import smtplib
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -557,9 +560,7 @@ def test_password_checks_run_at_most_one_per_cpu_at_once(ingress_server):
     """A flood of failing AUTHs from many sessions at once: the server's own count of checks
     running at the same time (``ingress_auth_checks_running_max``) reaches one per CPU and never
     more, and every session still gets its 535."""
-    from ingress_plugins.auth import CHECK_NICENESS, cpu_count
-
-    cpus = cpu_count()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     server = ingress_server({
         "directory": {"domains": ["example.test"], "users": [
             {"address": "slow@example.test", "password_hash": SLOW_ARGON2}]},
@@ -587,5 +588,35 @@ def test_password_checks_run_at_most_one_per_cpu_at_once(ingress_server):
         # The pool's threads are there, one per CPU, and give way to the event loop's thread.
         nice = {int(task.name): int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
                 for task in Path(f"/proc/{server.pid}/task").iterdir()}
-        assert list(nice.values()).count(CHECK_NICENESS) == cpus, nice
+        assert list(nice.values()).count(10) == cpus, nice  # nice +10
         assert nice[server.pid] == 0, nice
+
+
+def test_checks_of_clients_that_reset_before_their_turn_are_skipped(ingress_server):
+    """Sessions that send a failing AUTH and reset the connection at once: those whose check
+    had not started when they left cost no hash (``ingress_auth_checks_skipped``)."""
+    server = ingress_server({
+        "directory": {"domains": ["example.test"], "users": [
+            {"address": "slow@example.test", "password_hash": SLOW_ARGON2}]},
+        "server": {"metrics_listen": "127.0.0.1:0"},
+        "plugins": {"auth": {**open_switches(), "failure_delay": 0}},
+    })
+    sessions = 4 * (os.cpu_count() or 1) + 4
+    clients = []
+    for _ in range(sessions):
+        raw = server.raw()
+        raw.reply()
+        raw.cmd("EHLO c")
+        clients.append(raw)
+    for n, raw in enumerate(clients):
+        raw.send(f"AUTH PLAIN {b64(chr(0) + 'slow@example.test' + chr(0) + str(n))}\r\n")
+    for raw in clients:  # reset, not FIN: the server sees the connection gone at once
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw.close()
+    eventually(lambda: metric(server, "ingress_auth_checks_waiting") == 0
+               and metric(server, "ingress_auth_checks_running") == 0, what="queue drained")
+    assert metric(server, "ingress_auth_checks_skipped_total") >= 1
+    with server.raw() as raw:
+        raw.reply()
+        raw.cmd("EHLO c")
+        assert raw_auth_plain(raw, "slow@example.test", "pw")[0] == 235
