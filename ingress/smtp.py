@@ -841,3 +841,8 @@ class _Exchange:
         if line == b"\0too-long":
             raise AuthSyntaxError()
         return p._b64(line.decode("ascii", "replace").strip())
+
+    @property
+    def closed(self) -> bool:
+        transport = self._protocol.transport
+        return transport is None or transport.is_closing()
