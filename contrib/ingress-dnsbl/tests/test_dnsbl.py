@@ -209,3 +209,16 @@ def test_installed_plugin_is_listed_and_its_config_checked(tmp_path):
     assert result.returncode == 2
     assert f"{bad}: /plugins/dnsbl/zone: unknown key 'zone'" in result.stderr.splitlines()
     assert f"{bad}: /plugins/dnsbl/check_at:" in result.stderr
+
+
+@pytest.mark.parametrize("resolver, message", [
+    ("127.0.0.1:99999", "'127.0.0.1:99999': port 99999 is out of range (1-65535)"),
+    ("127.0.0.1:0", "'127.0.0.1:0': port 0 is out of range (1-65535)"),
+    ("::1:53", "'::1:53' is not host:port: write an IPv6 address in brackets, as in [::1]:25"),
+])
+def test_resolver_must_be_host_and_port(tmp_path, resolver, message):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[plugins.dnsbl]\nresolver = "{resolver}"\n')
+    result = ingress("check-config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"{path}: /plugins/dnsbl/resolver: {message}"]
