@@ -162,12 +162,12 @@ def _check_yaml_events(path: Path, text: str) -> None:
             parent = frames[-1] if frames else None
             if parent and parent[0] and parent[2]:  # this node is a key of its mapping
                 parent[1] = event.value if isinstance(event, yaml.ScalarEvent) else "?"
-            where = pointer(frame[1] for frame in frames)
             if isinstance(event, yaml.AliasEvent) or event.anchor is not None:
-                raise FileError(path, [(where, "YAML anchors and aliases are not allowed "
-                                               f"(line {event.start_mark.line + 1})")])
+                raise FileError(path, [(pointer(f[1] for f in frames), "YAML anchors and aliases "
+                                        f"are not allowed (line {event.start_mark.line + 1})")])
             if len(frames) > MAX_DEPTH:
-                raise FileError(path, [(where, f"nested deeper than {MAX_DEPTH} levels")])
+                raise FileError(path, [(pointer(f[1] for f in frames),
+                                        f"nested deeper than {MAX_DEPTH} levels")])
             count += 1
             if count > MAX_VALUES:  # before the loader builds a node object for each
                 raise FileError(path, [("", f"more than {MAX_VALUES} values")])
