@@ -56,8 +56,8 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when ava
 
 
 class FileError(ConfigError):
-    """A config or directory file that cannot be used. ``pointer`` is where in the file (``""``:
-    the whole file); ``messages`` are the problems found there."""
+    """A config or directory file that cannot be used: ``problems`` holds ``(pointer, message)``
+    pairs, the pointer saying where in the file (``""``: the whole file)."""
 
     def __init__(self, path: Path, problems: list[tuple[str, str]]):
         self.path = path
@@ -84,6 +84,7 @@ def _read_bounded(path: Path, limit: int) -> bytes:
 
 _TOML_SPECIAL = re.compile(r"[\"'#]")
 _TOML_BREAK = re.compile(r"[=\[\]{},\n]")
+_TOML_BRACKET = re.compile(r"[\[\]{}]")
 
 
 def _closing_quote(text: str, quote: str, start: int, end: int) -> int:
@@ -133,15 +134,28 @@ def _toml_without_strings(text: str) -> str:
         position = end
 
 
-def _check_toml_keys(path: Path, text: str) -> None:
-    """Refuse a dotted key of more than MAX_DEPTH parts before tomllib sees it: tomllib takes
-    time quadratic in the parts of one key (20,000 parts: 10 s)."""
+def _check_toml_nesting(path: Path, text: str) -> None:
+    """Refuse deep nesting before the TOML parser sees it: a dotted key of more than MAX_DEPTH
+    parts (tomllib takes time quadratic in the parts of one key: 20,000 parts, 10 s) and inline
+    arrays or tables nested more than MAX_DEPTH deep (parsed by recursion)."""
     bare = _toml_without_strings(text)
+
+    def line(index: int) -> int:
+        return bare.count("\n", 0, index) + 1
+
+    depth = 0
+    for bracket in _TOML_BRACKET.finditer(bare):
+        depth += 1 if bracket[0] in "[{" else -1
+        if depth > MAX_DEPTH:
+            raise FileError(path, [("", f"line {line(bracket.start())}: nested deeper than "
+                                        f"{MAX_DEPTH} levels")])
+    position = 0
     for segment in _TOML_BREAK.split(bare):
         if segment.count(".") > MAX_DEPTH:
-            line = bare.count("\n", 0, bare.index(segment)) + 1
-            raise FileError(path, [("", f"line {line}: a dotted key of more than {MAX_DEPTH} "
-                                        f"parts (nested deeper than {MAX_DEPTH} levels)")])
+            raise FileError(path, [("", f"line {line(position)}: a dotted key of more than "
+                                        f"{MAX_DEPTH} parts (nested deeper than {MAX_DEPTH} "
+                                        "levels)")])
+        position += len(segment) + 1
 
 
 def _check_yaml_events(path: Path, text: str) -> None:
@@ -234,7 +248,7 @@ def read_file(path: Path) -> Any:
             _check_yaml_events(path, text)
             data = yaml.load(text, Loader=_YAML_LOADER)
         else:
-            _check_toml_keys(path, text)
+            _check_toml_nesting(path, text)
             data = tomllib.loads(text)
     except RecursionError:  # a parser recursing per level: far deeper than MAX_DEPTH
         raise FileError(path, [("", f"nested deeper than {MAX_DEPTH} levels")]) from None
