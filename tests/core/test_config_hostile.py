@@ -178,7 +178,7 @@ def test_nan_in_the_directory_file_is_refused(tmp_path):
 def test_a_5000_digit_integer_is_a_parse_error(tmp_path, name, text):
     path = write(tmp_path, name, text)
     [line] = check(path)
-    assert line.startswith(f"{path}: : cannot parse: Exceeds the limit (4300 digits)")
+    assert line.startswith(f"{path}: : cannot parse: Exceeds the limit (4300")  # 3.10: no "digits"
 
 
 def test_yaml_keys_must_be_strings(tmp_path):
