@@ -14,10 +14,8 @@ import functools
 import hashlib
 import hmac
 import ipaddress
-import json
 import re
 import secrets
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +24,6 @@ from typing import Any
 import argon2
 import bcrypt
 import cerberus
-import yaml
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 __all__ = ["Directory", "DirectoryError", "DomainSettings", "User"]
 
@@ -242,29 +234,20 @@ def _entries(source: _Source, name: str) -> Iterator[tuple[Any, Any]]:
 
 
 def _load_file(path: Path, errors: list[tuple[str, str]]) -> Mapping[str, Any] | None:
+    from ingress.config import FileError, read_file  # config imports this module
+
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".yaml", ".yml", ".json"):
         errors.append(("/directory/file", f"{path}: unsupported file type (not .toml/.yaml/.json)"))
         return None
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        errors.append(("/directory/file", f"cannot read {path}: {exc.strerror or exc}"))
+        data = read_file(path)
+    except FileError as exc:
+        errors.extend(("/directory/file", f"{where} in {path}: {message}" if where else
+                       f"{path}: {message}") for where, message in exc.problems)
         return None
-    except UnicodeDecodeError as exc:
-        errors.append(("/directory/file", f"{path} is not UTF-8 text: {exc}"))
-        return None
-    try:
-        if suffix == ".toml":
-            data = tomllib.loads(text)
-        elif suffix == ".json":
-            data = json.loads(text)
-        else:
-            data = yaml.safe_load(text) or {}
-    except (ValueError, yaml.YAMLError) as exc:  # TOMLDecodeError/JSONDecodeError: ValueError
-        message = " ".join(str(exc).split())  # parser messages span lines; ours may not
-        errors.append(("/directory/file", f"cannot parse {path}: {message}"))
-        return None
+    if data is None:  # an empty YAML file
+        data = {}
     if not isinstance(data, Mapping):
         errors.append(("/directory/file", f"{path}: top level must be a table/mapping"))
         return None

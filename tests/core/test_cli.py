@@ -62,7 +62,7 @@ def test_unparsable_file(tmp_path):
     path = write(tmp_path, "[server\nhostname=")
     result = ingress("check-config", str(path))
     assert result.returncode == 2
-    assert result.stderr.startswith(f"{path}: cannot parse")
+    assert result.stderr.startswith(f"{path}: : cannot parse")  # "": the whole file
     assert "Traceback" not in result.stderr
 
 

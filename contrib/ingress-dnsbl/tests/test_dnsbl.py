@@ -227,3 +227,16 @@ def test_client_behind_haproxy_is_looked_up(ingress_server, blocklists, tmp_path
         with proxy.raw(source="127.0.0.3") as client:
             assert client.reply()[0] == 220
     assert sorted(blocklists.questions) == ["2.0.0.127.bl.test", "3.0.0.127.bl.test"]
+
+
+@pytest.mark.parametrize("resolver, message", [
+    ("127.0.0.1:99999", "'127.0.0.1:99999': port 99999 is out of range (1-65535)"),
+    ("127.0.0.1:0", "'127.0.0.1:0': port 0 is out of range (1-65535)"),
+    ("::1:53", "'::1:53' is not host:port: write an IPv6 address in brackets, as in [::1]:25"),
+])
+def test_resolver_must_be_host_and_port(tmp_path, resolver, message):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[plugins.dnsbl]\nresolver = "{resolver}"\n')
+    result = ingress("check-config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"{path}: /plugins/dnsbl/resolver: {message}"]
