@@ -11,10 +11,10 @@ from ingress.delivery.maildir import remove_quietly, sync_dir, write_file
 
 
 def envelope(session, transaction, recipients, generated: bool = False) -> dict:
-    """The ``.json`` of a queue entry, as schemas/envelope.json describes. ``mail_params`` and each recipient's ``params`` are the
-    MAIL/RCPT parameters as the client gave them (keys upper-cased; values raw, xtext still
-    encoded, as a relay passes them on), see docs/plugins/dsn.md. *generated*: written by this
-    server (a DSN): there is no client."""
+    """The ``.json`` of a queue entry (described by schemas/envelope.json). ``mail_params`` and
+    each recipient's ``params`` are the MAIL/RCPT parameters as the client gave them (keys
+    upper-cased; values raw, xtext still encoded, as a relay passes them on), see
+    docs/plugins/dsn.md. *generated*: written by this server (a DSN): there is no client."""
     client = not generated
     return {
         "id": transaction.id,

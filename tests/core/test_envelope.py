@@ -5,14 +5,13 @@ server-generated DSN; every <id>.json must validate, and say what the session sa
 from __future__ import annotations
 
 import json
-import smtplib
 from datetime import datetime
 from pathlib import Path
 
-import ingress_schemas
 import jsonschema
 import pytest
 
+import ingress_schemas
 from ingress.delivery import queue
 
 SCHEMA = ingress_schemas.load("envelope")
