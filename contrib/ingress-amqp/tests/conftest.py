@@ -30,16 +30,19 @@ def free_port() -> int:
 class RabbitMQ:
     """One broker node; :meth:`stop` and :meth:`start` again keep its data (same ports)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, name: str = "", epmd_port: int = 0, cookie: str = ""):
+        """*name*, *epmd_port*, *cookie*: for nodes of one cluster (bench/fleet.py), which
+        share an epmd the caller runs and a cookie; by default the node has its own."""
         self.root = root
         self.port = free_port()
-        self.node = f"ingress-test-{os.getpid()}@localhost"
-        epmd_port = free_port()
+        self.node = f"{name or f'ingress-test-{os.getpid()}'}@localhost"
+        own_epmd = not epmd_port
+        epmd_port = epmd_port or free_port()
         (root / "enabled_plugins").write_text("[].\n")
         (root / "rabbitmq.conf").write_text("loopback_users = none\n")
-        cookie = root / ".erlang.cookie"
-        cookie.write_text(f"INGRESSTEST{os.getpid()}")
-        cookie.chmod(0o400)
+        cookie_file = root / ".erlang.cookie"
+        cookie_file.write_text(cookie or f"INGRESSTEST{os.getpid()}")
+        cookie_file.chmod(0o400)
         self.env = dict(
             os.environ,
             HOME=str(root),
@@ -57,8 +60,10 @@ class RabbitMQ:
             RABBITMQ_PID_FILE=str(root / "rabbitmq.pid"),
             RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
         )
-        self.epmd = subprocess.Popen(["epmd", "-port", str(epmd_port)], env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.epmd = None
+        if own_epmd:
+            self.epmd = subprocess.Popen(["epmd", "-port", str(epmd_port)], env=self.env,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.process: subprocess.Popen | None = None
         self.started = False  # once: the AMQP port is in the servers' configs from then on
 
@@ -121,8 +126,9 @@ class RabbitMQ:
 
     def close(self) -> None:
         self.stop()
-        self.epmd.kill()
-        self.epmd.wait()
+        if self.epmd is not None:
+            self.epmd.kill()
+            self.epmd.wait()
 
     # --- looking at the queue, as a consumer would ----------------------------------------------
 

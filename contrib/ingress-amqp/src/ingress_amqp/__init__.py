@@ -75,6 +75,7 @@ class Broker:
         self.channel = None  # aio-pika's channel
         self.underlay = None  # its aiormq channel, which publishes
         self.reconnecting: asyncio.Task | None = None
+        self.closers: set[asyncio.Task] = set()  # connections being closed in the background
         self.closing = False
 
     @property
@@ -114,7 +115,9 @@ class Broker:
         self._outage(exc or "closed")
         connection, self.connection, self.channel, self.underlay = self.connection, None, None, None
         # The channel alone may be gone: close the connection too (in the background).
-        asyncio.get_running_loop().create_task(_close_quietly(connection))
+        closer = asyncio.get_running_loop().create_task(_close_quietly(connection))
+        self.closers.add(closer)
+        closer.add_done_callback(self.closers.discard)
 
     def _outage(self, reason) -> None:
         if isinstance(reason, BaseException):
@@ -126,12 +129,15 @@ class Broker:
     async def _reconnect(self) -> None:
         delay = FIRST_RETRY
         started = asyncio.get_running_loop().time()
+        reported = None
         while not self.closing:
             await asyncio.sleep(delay)
             try:
                 await self._connect()
             except Exception as exc:
-                if isinstance(exc, QueueError):  # someone changed the queue meanwhile
+                # Someone replaced the queue meanwhile: say so (once), as at startup.
+                if isinstance(exc, QueueError) and str(exc) != reported:
+                    reported = str(exc)
                     log.error("%s", exc)
                 delay = min(delay * 2, LAST_RETRY)
                 continue
@@ -151,6 +157,8 @@ class Broker:
         if self.connection is not None:
             connection, self.connection, self.underlay = self.connection, None, None
             await _close_quietly(connection)
+        if self.closers:
+            await asyncio.gather(*self.closers)
 
     async def publish(self, queue_id: str, parts, size: int, envelope: str) -> bool:
         """Publish the message made of *parts* (byte strings and objects with ``chunks()``),
