@@ -15,7 +15,7 @@ client.
 Not here yet: HAProxy's send-proxy-v2 and state on Redis (the PROXY protocol and the shared
 state are not on this branch); HAProxy passes plain TCP and each node keeps state in memory.
 
-    python bench/fleet.py --messages 10000 --runs 3
+    python bench/fleet.py --messages 20000 --runs 3
 """
 
 from __future__ import annotations
@@ -295,7 +295,7 @@ def fleet_run(root: Path, messages: int, connections: int, cluster: Cluster) -> 
         time.sleep(1)
         nodes[1].start()
         events.append(f"ingress1 restarted at {len(client.acked)}")
-        when(0.5)
+        when(0.4)
         events.append(f"stop rabbit2 at {len(client.acked)}")
         cluster.nodes[2].stop()
         time.sleep(3)
@@ -328,7 +328,7 @@ def fleet_run(root: Path, messages: int, connections: int, cluster: Cluster) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--messages", type=int, default=10000)
+    parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
