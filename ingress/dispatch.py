@@ -20,6 +20,7 @@ from typing import Any
 
 import pluggy
 
+from ingress.errors import IngressError
 from ingress.reply import Reply
 
 log = logging.getLogger("ingress.dispatch")
@@ -190,6 +191,20 @@ class Hooks:
             if result is not None:
                 results.append((impl.plugin, result))
         return results
+
+    async def run_all(self, hook: str, **kwargs: Any) -> None:
+        """Run every implementation, awaiting each (``startup``). The first error ends the
+        walk as an :class:`IngressError` naming the plugin."""
+        for impl in self.impls(hook):
+            try:
+                result = self._start(hook, impl, kwargs)
+                if self._pending(impl, result):
+                    await result
+            except IngressError:
+                raise
+            except Exception as exc:
+                raise IngressError(f"plugin {impl.plugin} failed in {hook}: "
+                                   f"{type(exc).__name__}: {exc}") from None
 
     def collect_sync(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Like :meth:`collect` for hooks called outside the event loop (``config_schema``).

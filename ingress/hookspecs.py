@@ -70,6 +70,23 @@ def greeting(session, settings):
     """
 
 
+@hookspec
+def startup(config, settings):
+    """The server (each worker process, after the fork) is about to open its listeners. All
+    implementations run, in order; may be ``async def``. Connect to outside services here.
+
+    Raise :class:`ingress.errors.IngressError` to refuse to start: its lines are printed and the
+    server exits 2 (any other exception is reported the same way, naming the plugin). A service
+    that is merely down should not stop the start: log it and retry in the background.
+    :param config: the :class:`ingress.config.Config` the server starts with.
+    """
+
+
+@hookspec
+def shutdown(settings):
+    """The server has drained its sessions and is about to exit. All implementations run; close
+    connections cleanly here. Errors are logged."""
+
 
 # --- connection ------------------------------------------------------------------------------
 

@@ -243,6 +243,7 @@ class Server:
         listen = worker.listen if worker else server["listen"]
         listen_tls = worker.listen_tls if worker else server["listen_tls"]
         metrics_listen = worker.metrics_listen if worker else server["metrics_listen"]
+        await self.config.hooks.run_all("startup", config=self.config)
         ready = []
         for value, tls in [(v, False) for v in listen] + [(v, True) for v in listen_tls]:
             host, port = parse_listen(value)
@@ -310,6 +311,7 @@ class Server:
                 await asyncio.wait_for(self._idle.wait(), 5)
             except asyncio.TimeoutError:
                 log.warning("%d session(s) did not end", len(self.protocols))
+        await self.config.hooks.collect("shutdown")
 
 
 def print_lines(lines: list[str]) -> None:

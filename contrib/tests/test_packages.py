@@ -18,6 +18,7 @@ CONTRIB = {  # distribution: (plugin name, module)
     "ingress-ratelimit": ("ratelimit", "ingress_ratelimit"),
     "ingress-dnsbl": ("dnsbl", "ingress_dnsbl"),
     "ingress-hello-policy": ("hello_policy", "hello_policy"),
+    "ingress-amqp": ("amqp", "ingress_amqp"),
 }
 
 
@@ -44,7 +45,7 @@ def test_entry_point_and_schema_are_installed(dist):
     assert entry.load().config_schema()["additionalProperties"] is False
 
 
-@pytest.mark.parametrize("module_name", ["ingress_ratelimit", "ingress_dnsbl"])
+@pytest.mark.parametrize("module_name", ["ingress_ratelimit", "ingress_dnsbl", "ingress_amqp"])
 def test_plugins_are_tested_as_installed_not_from_the_source_tree(module_name):
     path = Path(importlib.import_module(module_name).__file__).resolve()
     assert "site-packages" in path.parts, path

@@ -49,6 +49,47 @@ def plan(session, transaction) -> tuple[list[tuple[str, str]], list]:
     return list(mailboxes), relay
 
 
+def expand(session, transaction) -> list[Recipient]:
+    """Every final recipient: aliases and lists replaced by their members (each with the
+    parameters of the RCPT that named it), local mailboxes once each; ``local`` tells whether it
+    is a local mailbox."""
+    directory = session.directory
+    seen: set[tuple[str, str]] = set()
+    final = []
+    for rcpt in transaction.recipients:
+        members = directory.expand(rcpt.address) if rcpt.local else [rcpt.address]
+        for member in members:
+            local = directory.is_local_address(member)
+            if local:
+                part, domain = directory.split(member)
+                if (domain, part.lower()) in seen:
+                    continue
+                seen.add((domain, part.lower()))
+            final.append(Recipient(member, dict(rcpt.params), local))
+    return final
+
+
+def envelope_text(session, transaction, recipients) -> str:
+    """The envelope of a message for *recipients*: exactly the text the relay queue writes to
+    ``<id>.json`` (schema: ``schemas/envelope.json``). For delivery backends."""
+    return queue.dumps(queue.envelope(session, transaction, recipients))
+
+
+def store_mailboxes(session, transaction, message, mailboxes) -> list[str]:
+    """Blocking: write the message into the local *mailboxes* (``(domain, local part)`` as
+    :func:`plan` gives them), durably; return the files written (nothing is left on failure)."""
+    if not mailboxes:
+        return []
+    config = session.config
+    return maildir.deliver(Path(config.data["delivery"]["maildir"]), mailboxes,
+                           trace_headers(transaction, True), message, config.hostname)
+
+
+def remove(paths) -> None:
+    """Blocking: remove files a delivery wrote (undo), ignoring those already gone."""
+    maildir.remove_quietly(paths)
+
+
 def trace_headers(transaction, return_path: bool) -> bytes:
     lines = []
     if return_path:
