@@ -145,12 +145,27 @@ def after_delivery(session, transaction, message, settings):
         return
     sender = transaction.mail_from
     directory = session.directory
-    if directory.is_local_address(sender) and not directory.mailbox_exists(sender):
-        log.info("queue id %s: no success DSN: sender <%s> has no mailbox", transaction.id,
-                 sender)
+    if directory.is_local_address(sender):
+        if not directory.mailbox_exists(sender):
+            log.info("queue id %s: no success DSN: sender <%s> has no mailbox", transaction.id,
+                     sender)
+            return
+        report = success_report(session, transaction, message, recipients)
+        return store_report(session, transaction, sender, report)  # awaited by the core
+    return report_if_relay_allowed(session, transaction, message, recipients, sender)
+
+
+async def report_if_relay_allowed(session, transaction, message, recipients, sender: str):
+    """An outside sender gets a report only if the session may relay to it (whoever may not
+    could otherwise forge MAIL FROM and have us mail the message to a victim: backscatter)."""
+    allowed, _ = await session.config.hooks.first("may_relay", session=session,
+                                                  transaction=transaction, address=sender)
+    if allowed is not True:
+        log.info("queue id %s: no success DSN: this session may not relay to sender <%s>",
+                 transaction.id, sender)
         return
-    report = success_report(session, transaction, message, recipients)
-    return store_report(session, transaction, sender, report)  # awaited by the core
+    await store_report(session, transaction, sender,
+                       success_report(session, transaction, message, recipients))
 
 
 async def store_report(session, transaction, sender: str, report) -> None:
