@@ -43,6 +43,8 @@ _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*", re.ASCII | re.IGNORECASE)
 _SAFE_LOCAL_RE = re.compile(r"[A-Za-z0-9!#$%&'*+=?^_`{|}~.-]{1,64}", re.ASCII)
 _BCRYPT_RE = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}", re.ASCII)
+UNSAFE_LOCAL_PART = ("the local part is not a safe folder name (1 to 64 of the ASCII letters, "
+                     "digits and !#$%&'*+=?^_`{|}~.-, no leading dot, no '..')")
 
 
 class DirectoryError(ValueError):
@@ -371,6 +373,15 @@ class Directory:
 
         claimed: dict[str, str] = {}  # normalised address -> where it was defined
 
+        def unsafe(origin: _Origin, path: tuple[Any, ...], address: str) -> bool:
+            """A local address whose local part could not be a Maildir folder (it would
+            escape the Maildir or nest folders): an error."""
+            local, domain = cls.split(address)
+            if domain not in domains or cls.is_safe_local_part(local):
+                return False
+            errors.append(origin.error(path, f"{address!r}: {UNSAFE_LOCAL_PART}"))
+            return True
+
         def claim(origin: _Origin, path: tuple[Any, ...], address: str) -> bool:
             if not cls.is_valid_address(address):
                 errors.append(origin.error(path, f"invalid address {address!r}"))
@@ -378,6 +389,8 @@ class Directory:
             key = cls.normalise(address)
             if cls.split(address)[1] not in domains:
                 errors.append(origin.error(path, f"{address!r} is not in a local domain"))
+            elif unsafe(origin, path, address):
+                return False
             elif key in claimed:
                 message = f"{address!r} is already defined at {claimed[key]}"
                 errors.append(origin.error(path, message))
@@ -414,7 +427,8 @@ class Directory:
         for kind, found in groups.items():
             for source in sources:
                 for key, members in _entries(source, kind):
-                    if claim(source[0], (kind, key), key):
+                    bad = [unsafe(source[0], (kind, key, i), m) for i, m in enumerate(members)]
+                    if claim(source[0], (kind, key), key) and not any(bad):
                         found[key] = members
         return cls(domains=domains, users=users, aliases=groups["aliases"],
                    lists=groups["lists"], domain_settings=settings)
@@ -451,7 +465,9 @@ class Directory:
 
     @staticmethod
     def is_safe_local_part(local: str) -> bool:
-        """Whether ``local`` is safe as a single Maildir directory name."""
+        """Whether ``local`` is safe as a single Maildir directory name. The one rule for
+        catch-all local parts, for every local address in the directory (checked when the
+        config is loaded) and for the Maildir writer itself."""
         return (_SAFE_LOCAL_RE.fullmatch(local) is not None
                 and not local.startswith(".") and ".." not in local)
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import re
 import threading
 import time
 from pathlib import Path
+
+from ingress.directory import Directory
 
 _counter = itertools.count(1)
 _created: set[Path] = set()  # mailboxes known to exist with tmp/new/cur
@@ -151,11 +154,20 @@ def remove_quietly(paths) -> None:
             pass
 
 
+def mailbox_path(root: Path, domain: str, local: str) -> Path:
+    """``root/domain/local``, refusing (``PermissionError``) any name that would leave *root* or
+    nest folders, whatever the directory let through: defence in depth."""
+    if (not Directory.is_safe_local_part(local) or not domain or domain.startswith(".")
+            or any(c in domain for c in "/\\\0")):
+        raise PermissionError(errno.EPERM, f"unsafe mailbox name {local!r} in {domain!r}")
+    return root / domain / local
+
+
 def deliver(root: Path, mailboxes: list[tuple[str, str]], header: bytes, message,
             hostname: str) -> list[str]:
     """Write one copy into the first mailbox's ``tmp/``, hard-link it into the other mailboxes'
     ``new/``, rename it into the first one's ``new/``; return the final paths."""
-    boxes = [root / domain / local for domain, local in mailboxes]
+    boxes = [mailbox_path(root, domain, local) for domain, local in mailboxes]
     for box in boxes:
         ensure_maildir(box)
     try:
