@@ -75,6 +75,7 @@ class DomainSettings:
 
     require_smtp_auth: bool = False
     catch_all: bool = False
+    catch_all_max_mailboxes: int = 1000
 
 
 def _pointer(path: Iterable[Any]) -> str:
@@ -128,6 +129,10 @@ class _Validator(cerberus.Validator):
         if isinstance(value, str) and not Directory.is_valid_address(value):
             self._error(field, f"invalid address {value!r}")
 
+    def _check_with_not_boolean(self, field: Any, value: Any) -> None:
+        if isinstance(value, bool):
+            self._error(field, "must be of integer type")
+
     def _check_with_members(self, field: Any, value: Any) -> None:
         if isinstance(value, list) and not value:
             self._error(field, "needs at least one member")
@@ -176,6 +181,8 @@ _FILE_SCHEMA: dict[str, Any] = {
             "schema": {
                 "require_smtp_auth": {"type": "boolean", "default": False},
                 "catch_all": {"type": "boolean", "default": False},
+                "catch_all_max_mailboxes": {"type": "integer", "min": 1, "default": 1000,
+                                            "check_with": "not_boolean"},
             },
         },
     },
@@ -522,6 +529,12 @@ class Directory:
                 expanded.add(key)
                 stack.extend(reversed(members))
         return result
+
+    def is_configured(self, address: str) -> bool:
+        """Whether ``address`` is a user, an alias or a list (not merely a catch-all name)."""
+        key = self._key(address)
+        return key is not None and (key in self._users or key in self._aliases
+                                    or key in self._lists)
 
     def mailbox_exists(self, address: str) -> bool:
         """Whether RCPT TO this address should be accepted as local: a user, an alias, a list,

@@ -18,7 +18,7 @@ from email.utils import format_datetime, formatdate
 
 import ingress_schemas
 from ingress import Reply, hookimpl
-from ingress.delivery import Generated, store_generated, trace_headers
+from ingress.delivery import Generated, may_create_mailbox, store_generated, trace_headers
 from ingress.session import new_id
 
 log = logging.getLogger("ingress.dsn")
@@ -149,6 +149,10 @@ def after_delivery(session, transaction, message, settings):
         if not directory.mailbox_exists(sender):
             log.info("queue id %s: no success DSN: sender <%s> has no mailbox", transaction.id,
                      sender)
+            return
+        if not may_create_mailbox(session, transaction, sender):
+            log.info("queue id %s: no success DSN: sender <%s> would be a mailbox over the "
+                     "catch-all limit", transaction.id, sender)
             return
         report = success_report(session, transaction, message, recipients)
         return store_report(session, transaction, sender, report)  # awaited by the core

@@ -49,6 +49,25 @@ def plan(session, transaction) -> tuple[list[tuple[str, str]], list]:
     return list(mailboxes), relay
 
 
+_mailbox_cap = maildir.MailboxCap()
+
+
+def may_create_mailbox(session, transaction, address: str) -> bool:
+    """Whether mail for the local *address* may be stored: always for a user, alias or list or
+    a mailbox whose folder exists; for a name that exists only through a catch-all domain, only
+    while the domain's folder has fewer than ``catch_all_max_mailboxes`` mailboxes (counting
+    names that live transactions of this process already hold). A name it admits is held until
+    *transaction* is gone. Called on the event loop."""
+    directory = session.directory
+    local, domain = directory.split(address)
+    settings = directory.domain_settings(domain)
+    if not settings.catch_all or directory.is_configured(address):
+        return True
+    folder = Path(session.config.data["delivery"]["maildir"]) / domain
+    return _mailbox_cap.admit(folder, local.lower(), settings.catch_all_max_mailboxes,
+                              transaction)
+
+
 def trace_headers(transaction, return_path: bool) -> bytes:
     lines = []
     if return_path:

@@ -8,6 +8,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from ingress.directory import Directory
@@ -108,6 +109,66 @@ def ensure_maildir(box: Path) -> None:
     for p in [box / "tmp", box / "new", box / "cur", *missing]:
         fsync_dir(p.parent)
     _created.add(box)
+
+
+class MailboxCap:
+    """How many mailbox folders a domain folder has, and admission of new ones under a cap.
+
+    The count is what is on disk (so it holds across worker processes and restarts), listed
+    again only when the folder's modification time changed since the last listing: a RCPT to a
+    known mailbox costs one ``stat``. A listing is cached only once the folder's time is
+    :data:`SETTLED` seconds old, since two changes within one tick of the file system's clock
+    leave the same time. New names accepted at RCPT but not yet delivered are held per process
+    until their transaction is gone, so concurrent sessions cannot all take the last place.
+    """
+
+    SETTLED = 2.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # finalizers may run in any thread
+        self._listed: dict[Path, tuple[int, int, int]] = {}  # folder -> (inode, mtime_ns, count)
+        self._held: dict[Path, dict[str, int]] = {}  # folder -> {local part: holders}
+
+    def on_disk(self, folder: Path) -> int:
+        """Sub-folders of *folder* (0 when it does not exist)."""
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError:
+            return 0
+        key = (st.st_ino, st.st_mtime_ns)
+        cached = self._listed.get(folder)
+        if cached is not None and cached[:2] == key:
+            return cached[2]
+        with os.scandir(folder) as entries:
+            count = sum(1 for e in entries if e.is_dir(follow_symlinks=False))
+        if time.time() - st.st_mtime > self.SETTLED:
+            self._listed[folder] = (*key, count)
+        else:
+            self._listed.pop(folder, None)
+        return count
+
+    def admit(self, folder: Path, name: str, cap: int, holder: object) -> bool:
+        """Whether mail for *name* may go to ``folder/name``: yes when that mailbox exists,
+        else only if the folders on disk plus the names held by live transactions stay within
+        *cap*; then *name* is held until *holder* (the transaction) is garbage."""
+        if os.path.isdir(folder / name):
+            return True
+        with self._lock:
+            held = self._held.setdefault(folder, {})
+            if name not in held and self.on_disk(folder) + len(held) >= cap:
+                return False
+            held[name] = held.get(name, 0) + 1
+        weakref.finalize(holder, self._release, folder, name)
+        return True
+
+    def _release(self, folder: Path, name: str) -> None:
+        with self._lock:
+            held = self._held.get(folder, {})
+            held[name] -= 1
+            if not held[name]:
+                del held[name]
+            if not held:
+                self._held.pop(folder, None)
 
 
 def unique_name(hostname: str) -> str:
