@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import os
@@ -125,9 +126,12 @@ class MailboxCap:
     SETTLED = 2.0
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # finalizers may run in any thread
+        self._lock = threading.Lock()
         self._listed: dict[Path, tuple[int, int, int]] = {}  # folder -> (inode, mtime_ns, count)
         self._held: dict[Path, dict[str, int]] = {}  # folder -> {local part: holders}
+        # Finalizers run whenever the garbage goes, in any thread, even inside admit(): they
+        # only queue the release (deque.append is atomic); admit() applies it.
+        self._released: collections.deque[tuple[Path, str]] = collections.deque()
 
     def on_disk(self, folder: Path) -> int:
         """Sub-folders of *folder* (0 when it does not exist)."""
@@ -154,21 +158,22 @@ class MailboxCap:
         if os.path.isdir(folder / name):
             return True
         with self._lock:
+            while self._released:
+                self._release(*self._released.popleft())
             held = self._held.setdefault(folder, {})
             if name not in held and self.on_disk(folder) + len(held) >= cap:
                 return False
             held[name] = held.get(name, 0) + 1
-        weakref.finalize(holder, self._release, folder, name)
+        weakref.finalize(holder, self._released.append, (folder, name))
         return True
 
     def _release(self, folder: Path, name: str) -> None:
-        with self._lock:
-            held = self._held.get(folder, {})
-            held[name] -= 1
-            if not held[name]:
-                del held[name]
-            if not held:
-                self._held.pop(folder, None)
+        held = self._held[folder]
+        held[name] -= 1
+        if not held[name]:
+            del held[name]
+        if not held:
+            del self._held[folder]
 
 
 def unique_name(hostname: str) -> str:
