@@ -14,6 +14,7 @@ from typing import Any
 
 from ingress import config as config_mod
 from ingress import metrics
+from ingress.delivery import maildir, queue
 from ingress.errors import ConfigError, IngressError
 from ingress.reply import Reply
 from ingress.smtp import SMTPProtocol
@@ -63,10 +64,35 @@ def spool_dir(cfg: config_mod.Config) -> Path:
 
 
 def prepare_spool(cfg: config_mod.Config) -> None:
+    """Once, before serving (by the parent when there are workers): empty the spool and the
+    queue's temporary files. What a crash left there was never acknowledged."""
     spool = spool_dir(cfg)
-    if spool.exists():  # leftovers of a crash: never acknowledged, safe to drop
+    spooled = 0
+    if spool.exists():
+        spooled = sum(1 for p in spool.rglob("*") if not p.is_dir())
         shutil.rmtree(spool, ignore_errors=True)
     spool.mkdir(parents=True, exist_ok=True)
+    temporary, incomplete = queue.remove_leftovers(Path(cfg.data["delivery"]["queue"]))
+    if spooled or temporary or incomplete:
+        log.info("removed crash leftovers: %d spool file(s), %d queue temporary file(s), "
+                 "%d incomplete queue entr(ies)", spooled, temporary, incomplete)
+
+
+MAILDIR_SWEEP_SECONDS = 3600.0  # Maildir tmp/ is swept at start and then this often
+
+
+async def sweep_maildir(server: Server) -> None:
+    """Forever: remove Maildir ``tmp/`` files older than 36 hours, at once and then hourly."""
+    while True:
+        try:
+            root = Path(server.config.data["delivery"]["maildir"])
+            removed = await asyncio.to_thread(maildir.sweep_tmp, root)
+        except Exception:
+            log.exception("Maildir tmp/ sweep failed")
+        else:
+            if removed:
+                log.info("removed %d Maildir tmp/ file(s) older than 36 hours", removed)
+        await asyncio.sleep(MAILDIR_SWEEP_SECONDS)
 
 
 ACCEPT_BATCH = 64  # connections taken per readiness event: one busy listener cannot hog the loop
@@ -185,6 +211,7 @@ class Server:
         self.messages_accepted = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.sweeper: asyncio.Task | None = None
         if worker is None:  # workers share the spool; their parent prepares it once
             prepare_spool(cfg)
 
@@ -253,6 +280,8 @@ class Server:
                                    f"{exc.strerror or exc}") from None
             self.listeners.append(http)
             ready.append(f"{where} (metrics)")
+        if worker is None or worker.slot == 0:  # one sweeper per server
+            self.sweeper = asyncio.create_task(sweep_maildir(self))
         return ready
 
     async def close_listeners(self) -> None:
@@ -284,6 +313,8 @@ class Server:
     async def drain(self, seconds: float) -> None:
         """Stop accepting; let open sessions finish for *seconds*; then cut them with 421."""
         await self.close_listeners()
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         if self.protocols:
             log.info("draining %d session(s) for up to %gs", len(self.protocols), seconds)
             try:

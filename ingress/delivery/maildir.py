@@ -265,3 +265,38 @@ def deliver_into(boxes: list[Path], header: bytes, message, hostname: str) -> li
         remove_quietly([*finals, tmp])
         raise
     return finals
+
+
+TMP_MAX_AGE = 36 * 3600  # seconds: a tmp/ file older than this is a crash's leftover
+
+
+def sweep_tmp(root: Path, max_age: float = TMP_MAX_AGE) -> int:
+    """Remove the files in ``root/<domain>/<local>/tmp/`` last modified more than *max_age*
+    seconds ago (what a crash left there; no delivery takes that long, so it never races a
+    writer, in this process or another). Return how many were removed. Symbolic links are never
+    followed; unreadable folders are skipped."""
+    cutoff = time.time() - max_age
+    removed = 0
+    for domain in _subfolders(root):
+        for box in _subfolders(Path(domain.path)):
+            try:
+                entries = list(os.scandir(os.path.join(box.path, "tmp")))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    if (entry.is_file(follow_symlinks=False)
+                            and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+                        os.unlink(entry.path)
+                        removed += 1
+                except OSError:
+                    continue
+    return removed
+
+
+def _subfolders(path: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as entries:
+            return [e for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
