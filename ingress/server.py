@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,12 +82,42 @@ def prepare_spool(cfg: config_mod.Config) -> None:
 MAILDIR_SWEEP_SECONDS = 3600.0  # Maildir tmp/ is swept at start and then this often
 
 
+async def in_own_thread(function, *args):
+    """``function(*args)`` in a thread that ends with it: a thread of the loop's default executor
+    would stay behind, idle, for every server (and every in-process test server)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if future.done():  # cancelled: the server is stopping
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        result, error = None, None
+        try:
+            result = function(*args)
+        except Exception as exc:
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop was closed meanwhile: nobody waits any more
+            pass
+
+    threading.Thread(target=target, name=getattr(function, "__name__", "worker"),
+                     daemon=True).start()
+    return await future
+
+
 async def sweep_maildir(server: Server) -> None:
     """Forever: remove Maildir ``tmp/`` files older than 36 hours, at once and then hourly."""
     while True:
         try:
             root = Path(server.config.data["delivery"]["maildir"])
-            removed = await asyncio.to_thread(maildir.sweep_tmp, root)
+            removed = await in_own_thread(maildir.sweep_tmp, root)
         except Exception:
             log.exception("Maildir tmp/ sweep failed")
         else:
