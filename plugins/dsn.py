@@ -18,7 +18,13 @@ from email.utils import format_datetime, formatdate
 
 import ingress_schemas
 from ingress import Reply, hookimpl
-from ingress.delivery import Generated, may_create_mailbox, store_generated, trace_headers
+from ingress.delivery import (
+    Generated,
+    may_create_mailbox,
+    may_relay,
+    store_generated,
+    trace_headers,
+)
 from ingress.session import new_id
 
 log = logging.getLogger("ingress.dsn")
@@ -162,9 +168,7 @@ def after_delivery(session, transaction, message, settings):
 async def report_if_relay_allowed(session, transaction, message, recipients, sender: str):
     """An outside sender gets a report only if the session may relay to it (whoever may not
     could otherwise forge MAIL FROM and have us mail the message to a victim: backscatter)."""
-    allowed, _ = await session.config.hooks.first("may_relay", session=session,
-                                                  transaction=transaction, address=sender)
-    if allowed is not True:
+    if not await may_relay(session, transaction, sender):
         log.info("queue id %s: no success DSN: this session may not relay to sender <%s>",
                  transaction.id, sender)
         return

@@ -1,11 +1,14 @@
 """The builtin delivery backend: local Maildir and the relay queue. Registered as plugin
 ``delivery``; another backend replaces it by answering the ``deliver`` hook first.
 
-Plugins may import :class:`Delivered`. Durability: a message is written to ``tmp/``, fsynced,
-linked into each mailbox's ``new/``, and every touched directory is fsynced before ``deliver``
-returns; the queue's ``.eml`` and ``.json`` are both fsynced, the ``.json`` renamed into place last
-(its presence marks a complete entry). Any failure removes what was written and answers
-``451 4.3.0``, so nothing half-written remains and the client retries.
+Plugins may import :class:`Delivered`, :func:`may_relay`, :func:`may_create_mailbox`,
+:func:`store_generated` and :class:`Generated`.
+
+Durability: a message is written to ``tmp/``, fsynced, linked into each mailbox's ``new/``, and
+every touched directory is fsynced before ``deliver`` returns; the queue's ``.eml`` and ``.json``
+are both fsynced, the ``.json`` renamed into place last (its presence marks a complete entry). Any
+failure removes what was written and answers ``451 4.3.0``, so nothing half-written remains and
+the client retries.
 """
 
 from __future__ import annotations
@@ -47,6 +50,15 @@ def plan(session, transaction) -> tuple[list[tuple[str, str]], list]:
             else:
                 relay.append(type(rcpt)(member, dict(rcpt.params), False))
     return list(mailboxes), relay
+
+
+async def may_relay(session, transaction, address: str) -> bool:
+    """Whether *session* may have mail sent to *address*: the first answer of the ``may_relay``
+    hook; no answer, or a failing plugin, is no. For plugins that write mail of their own to an
+    address the client chose."""
+    allowed, _ = await session.config.hooks.first("may_relay", session=session,
+                                                  transaction=transaction, address=address)
+    return allowed is True
 
 
 _mailbox_cap = maildir.MailboxCap()

@@ -9,6 +9,7 @@ from email.utils import parsedate_to_datetime
 
 import pytest
 
+from ingress import hookimpl
 from ingress.testing import eventually
 from ingress_plugins.dsn import parse_notify, parse_orcpt, xtext_decode
 
@@ -298,3 +299,21 @@ def test_authenticated_relay_off_means_no_dsn_to_an_outside_sender(ingress_serve
     forged_transaction(server, auth=True)
     eventually(lambda: NOT_ALLOWED in server.log(), what="the log line")
     assert server.queue_entries() == []
+
+
+class PartnerPolicy:
+    """A third-party policy that answers may_relay before the relay plugin."""
+
+    @hookimpl(tryfirst=True)
+    def may_relay(self, address):
+        return True if address.endswith("@partner.test") else None
+
+
+def test_a_third_party_may_relay_answer_comes_first(ingress_inprocess_server):
+    server = ingress_inprocess_server({**LOCAL, "plugins": {"partner": {}}},
+                                      plugins={"partner": PartnerPolicy()})
+    for sender in ("someone@partner.test", "victim@outside.test"):
+        transaction(server, f"<{sender}>", ["<bob@example.test> NOTIFY=SUCCESS"])
+    eventually(lambda: server.queue_entries(), what="the queued DSN")
+    [(envelope, _)] = server.queue_entries()
+    assert envelope["recipients"] == [{"address": "someone@partner.test", "params": {}}]
