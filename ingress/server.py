@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import signal
 import socket
 import ssl
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ingress import config as config_mod
-from ingress import metrics
-from ingress.delivery import maildir, queue
+from ingress import leftovers, metrics
 from ingress.errors import ConfigError, IngressError
 from ingress.reply import Reply
 from ingress.smtp import SMTPProtocol
@@ -65,65 +62,8 @@ def spool_dir(cfg: config_mod.Config) -> Path:
 
 
 def prepare_spool(cfg: config_mod.Config) -> None:
-    """Once, before serving (by the parent when there are workers): empty the spool and the
-    queue's temporary files. What a crash left there was never acknowledged."""
-    spool = spool_dir(cfg)
-    spooled = 0
-    if spool.exists():
-        spooled = sum(1 for p in spool.rglob("*") if not p.is_dir())
-        shutil.rmtree(spool, ignore_errors=True)
-    spool.mkdir(parents=True, exist_ok=True)
-    temporary, incomplete = queue.remove_leftovers(Path(cfg.data["delivery"]["queue"]))
-    if spooled or temporary or incomplete:
-        log.info("removed crash leftovers: %d spool file(s), %d queue temporary file(s), "
-                 "%d incomplete queue entr(ies)", spooled, temporary, incomplete)
-
-
-MAILDIR_SWEEP_SECONDS = 3600.0  # Maildir tmp/ is swept at start and then this often
-
-
-async def in_own_thread(function, *args):
-    """``function(*args)`` in a thread that ends with it: a thread of the loop's default executor
-    would stay behind, idle, for every server (and every in-process test server)."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(result, error) -> None:
-        if future.done():  # cancelled: the server is stopping
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def target() -> None:
-        result, error = None, None
-        try:
-            result = function(*args)
-        except Exception as exc:
-            error = exc
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the loop was closed meanwhile: nobody waits any more
-            pass
-
-    threading.Thread(target=target, name=getattr(function, "__name__", "worker"),
-                     daemon=True).start()
-    return await future
-
-
-async def sweep_maildir(server: Server) -> None:
-    """Forever: remove Maildir ``tmp/`` files older than 36 hours, at once and then hourly."""
-    while True:
-        try:
-            root = Path(server.config.data["delivery"]["maildir"])
-            removed = await in_own_thread(maildir.sweep_tmp, root)
-        except Exception:
-            log.exception("Maildir tmp/ sweep failed")
-        else:
-            if removed:
-                log.info("removed %d Maildir tmp/ file(s) older than 36 hours", removed)
-        await asyncio.sleep(MAILDIR_SWEEP_SECONDS)
+    """Once, before serving (by the parent when there are workers): crash leftovers go."""
+    leftovers.remove_at_start(spool_dir(cfg), Path(cfg.data["delivery"]["queue"]))
 
 
 ACCEPT_BATCH = 64  # connections taken per readiness event: one busy listener cannot hog the loop
@@ -312,7 +252,7 @@ class Server:
             self.listeners.append(http)
             ready.append(f"{where} (metrics)")
         if worker is None or worker.slot == 0:  # one sweeper per server
-            self.sweeper = asyncio.create_task(sweep_maildir(self))
+            self.sweeper = asyncio.create_task(leftovers.sweep_maildir(self))
         return ready
 
     async def close_listeners(self) -> None:

@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from ingress import server as server_mod
+from ingress import leftovers
 from ingress.testing import eventually
 
 HOUR = 3600
@@ -82,7 +82,7 @@ def test_with_several_workers_the_leftovers_are_removed_once(ingress_server, tmp
 
 def test_the_maildir_is_swept_again_while_running(ingress_inprocess_server, tmp_path,
                                                    monkeypatch, caplog):
-    monkeypatch.setattr(server_mod, "MAILDIR_SWEEP_SECONDS", 0.2)
+    monkeypatch.setattr(leftovers, "MAILDIR_SWEEP_SECONDS", 0.2)
     caplog.set_level(logging.INFO, logger="ingress.server")
     server = ingress_inprocess_server(config(tmp_path))
     with smtplib.SMTP(server.host, server.port, timeout=30) as client:
