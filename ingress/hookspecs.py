@@ -189,6 +189,21 @@ def continue_after_disconnect(session, settings):
 
 
 @hookspec
+def may_relay(session, transaction, address, settings) -> bool | None:
+    """May this session send mail to *address* (a ``str``, not necessarily a recipient it
+    named)? Return ``True`` (yes), ``False`` (no) or ``None`` (no opinion). First non-``None``
+    result wins; without one the answer is no.
+
+    Asked by plugins that would send mail of their own on the client's behalf (the ``dsn``
+    plugin's success reports to MAIL FROM), so that they follow the relay policy without
+    knowing it. The builtin ``relay`` plugin answers with its rules; a third-party policy that
+    must decide before it uses ``@hookimpl(tryfirst=True)``. Called outside the command loop:
+    it never answers the client.
+    """
+
+
+
+@hookspec
 def on_mail_from(session, transaction, settings):
     """MAIL FROM. Decision hook.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import signal
 import socket
 import ssl
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ingress import config as config_mod
-from ingress import ipnets, metrics, proxy
+from ingress import ipnets, leftovers, metrics, proxy
 from ingress.errors import ConfigError, IngressError
 from ingress.keycounts import KeyCounts
 from ingress.reply import Reply
@@ -64,10 +63,8 @@ def spool_dir(cfg: config_mod.Config) -> Path:
 
 
 def prepare_spool(cfg: config_mod.Config) -> None:
-    spool = spool_dir(cfg)
-    if spool.exists():  # leftovers of a crash: never acknowledged, safe to drop
-        shutil.rmtree(spool, ignore_errors=True)
-    spool.mkdir(parents=True, exist_ok=True)
+    """Once, before serving (by the parent when there are workers): crash leftovers go."""
+    leftovers.remove_at_start(spool_dir(cfg), Path(cfg.data["delivery"]["queue"]))
 
 
 ACCEPT_BATCH = 64  # connections taken per readiness event: one busy listener cannot hog the loop
@@ -197,6 +194,7 @@ class Server:
         self.messages_accepted = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.sweeper: asyncio.Task | None = None
         if worker is None:  # workers share the spool; their parent prepares it once
             prepare_spool(cfg)
 
@@ -266,6 +264,8 @@ class Server:
                                    f"{exc.strerror or exc}") from None
             self.listeners.append(http)
             ready.append(f"{where} (metrics)")
+        if worker is None or worker.slot == 0:  # one sweeper per server
+            self.sweeper = asyncio.create_task(leftovers.sweep_maildir(self))
         return ready
 
     async def close_listeners(self) -> None:
@@ -297,6 +297,8 @@ class Server:
     async def drain(self, seconds: float) -> None:
         """Stop accepting; let open sessions finish for *seconds*; then cut them with 421."""
         await self.close_listeners()
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         if self.protocols:
             log.info("draining %d session(s) for up to %gs", len(self.protocols), seconds)
             try:

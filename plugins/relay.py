@@ -3,7 +3,8 @@
 A recipient in a local domain is never a relay. Any other recipient is accepted when the client IP
 is in ``whitelist``, or the session is authenticated and ``authenticated`` is true, or ``allow``
 permits the sender (``anyone``; ``local_domains``: MAIL FROM in a local domain; ``local_users``:
-MAIL FROM is an existing local user). Otherwise ``550 5.7.1 Relaying denied``.
+MAIL FROM is an existing local user). Otherwise ``550 5.7.1 Relaying denied``. The same rules
+answer the ``may_relay`` hook (may this session have mail sent to an address of its choosing).
 
 Other plugins may import :func:`per_domain_statistics` (metrics leave out per-domain series when
 ``allow`` is ``anyone``) and :func:`relay_reason`.
@@ -53,6 +54,15 @@ def per_domain_statistics(config) -> bool:
     """Whether per-domain statistics are kept: not with an open relay (``allow = "anyone"``)."""
     settings = config.plugin_settings("relay") or {}
     return settings.get("allow", "nobody") != "anyone"
+
+
+@hookimpl
+def may_relay(session, transaction, address, settings) -> bool:
+    """The same rules as for a recipient: a local address always, any other when
+    :func:`relay_reason` gives a reason."""
+    if session.directory.is_local_address(address):
+        return True
+    return relay_reason(session, transaction, settings) is not None
 
 
 @hookimpl

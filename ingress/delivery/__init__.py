@@ -1,11 +1,14 @@
 """The builtin delivery backend: local Maildir and the relay queue. Registered as plugin
 ``delivery``; another backend replaces it by answering the ``deliver`` hook first.
 
-Plugins may import :class:`Delivered`. Durability: a message is written to ``tmp/``, fsynced,
-linked into each mailbox's ``new/``, and every touched directory is fsynced before ``deliver``
-returns; the queue's ``.eml`` and ``.json`` are both fsynced, the ``.json`` renamed into place last
-(its presence marks a complete entry). Any failure removes what was written and answers
-``451 4.3.0``, so nothing half-written remains and the client retries.
+Plugins may import :class:`Delivered`, :func:`may_relay`, :func:`may_create_mailbox`,
+:func:`store_generated` and :class:`Generated`.
+
+Durability: a message is written to ``tmp/``, fsynced, linked into each mailbox's ``new/``, and
+every touched directory is fsynced before ``deliver`` returns; the queue's ``.eml`` and ``.json``
+are both fsynced, the ``.json`` renamed into place last (its presence marks a complete entry). Any
+failure removes what was written and answers ``451 4.3.0``, so nothing half-written remains and
+the client retries.
 """
 
 from __future__ import annotations
@@ -88,6 +91,34 @@ def store_mailboxes(session, transaction, message, mailboxes) -> list[str]:
 def remove(paths) -> None:
     """Blocking: remove files a delivery wrote (undo), ignoring those already gone."""
     maildir.remove_quietly(paths)
+
+
+async def may_relay(session, transaction, address: str) -> bool:
+    """Whether *session* may have mail sent to *address*: the first answer of the ``may_relay``
+    hook; no answer, or a failing plugin, is no. For plugins that write mail of their own to an
+    address the client chose."""
+    allowed, _ = await session.config.hooks.first("may_relay", session=session,
+                                                  transaction=transaction, address=address)
+    return allowed is True
+
+
+_mailbox_cap = maildir.MailboxCap()
+
+
+def may_create_mailbox(session, transaction, address: str) -> bool:
+    """Whether mail for the local *address* may be stored: always for a user, alias or list or
+    a mailbox whose folder exists; for a name that exists only through a catch-all domain, only
+    while the domain's folder has fewer than ``catch_all_max_mailboxes`` mailboxes (counting
+    names that live transactions of this process already hold). A name it admits is held until
+    *transaction* is gone. Called on the event loop."""
+    directory = session.directory
+    local, domain = directory.split(address)
+    settings = directory.domain_settings(domain)
+    if not settings.catch_all or directory.is_configured(address):
+        return True
+    folder = Path(session.config.data["delivery"]["maildir"]) / domain
+    return _mailbox_cap.admit(folder, local.lower(), settings.catch_all_max_mailboxes,
+                              transaction)
 
 
 def trace_headers(transaction, return_path: bool) -> bytes:

@@ -61,3 +61,22 @@ def enqueue(root: Path, queue_id: str, header: bytes, message, env: dict) -> lis
         remove_quietly(done + [str(eml_tmp), str(json_tmp)])
         raise
     return done
+
+
+def remove_leftovers(root: Path) -> tuple[int, int]:
+    """At start, before serving: remove the files in ``root/tmp/`` (entries being written when
+    the server stopped) and every ``<id>.eml`` without its ``<id>.json`` (a crash between the two
+    renames; never acknowledged). Return both counts."""
+    temporary = incomplete = 0
+    tmpdir = root / "tmp"
+    if tmpdir.is_dir():
+        for path in tmpdir.iterdir():
+            if not path.is_dir():
+                path.unlink(missing_ok=True)
+                temporary += 1
+    if root.is_dir():
+        for eml in root.glob("*.eml"):
+            if not eml.with_suffix(".json").exists():
+                eml.unlink(missing_ok=True)
+                incomplete += 1
+    return temporary, incomplete
