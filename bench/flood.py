@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import resource
 import shutil
@@ -35,20 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
+
 HOST = "127.0.0.1"
 HOSTNAME = "flood.test"
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def raise_own_fd_limit(needed: int) -> None:
@@ -64,25 +53,11 @@ def start_server(workdir: Path, limit: int, idle: float) -> tuple[subprocess.Pop
         "server": {"hostname": HOSTNAME, "listen": [f"{HOST}:0"], "drain_seconds": 1},
         "directory": {"domains": ["flood.test"]},
         "delivery": {"maildir": str(workdir / "mail"), "queue": str(workdir / "queue")},
-        "plugins": {"max_connections": {"limit": limit},
+        # every connection comes from 127.0.0.1: only the server's limit is measured here
+        "plugins": {"max_connections": {"limit": limit, "per_ip": 0},
                     "session_timeout": {"enabled": True, "minutes": idle / 60}},
     }
-    path = workdir / "flood.json"
-    path.write_text(json.dumps(config))
-    log = open(workdir / "server.log", "wb")  # noqa: SIM115 - the child writes to it
-    proc = subprocess.Popen([sys.executable, "-m", "ingress", "serve", "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=log, cwd=workdir)
-    log.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline().decode()
-        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-        if found:
-            return proc, int(found[1])
-        if not line:
-            break
-    proc.kill()
-    sys.exit("the server did not start:\n" + (workdir / "server.log").read_text())
+    return common.start_ingress(config, workdir)
 
 
 class Sampler:
@@ -95,13 +70,13 @@ class Sampler:
     async def _run(self) -> None:
         while True:
             try:
-                self.samples.append((time.monotonic(), self.phase, rss_kib(self.pid)))
+                self.samples.append((time.monotonic(), self.phase, common.tree_rss_kib(self.pid)))
             except (FileNotFoundError, ProcessLookupError):
                 return
             await asyncio.sleep(0.05)
 
     def now(self) -> int:
-        return rss_kib(self.pid)
+        return common.tree_rss_kib(self.pid)
 
     def peak(self, phase: str) -> int:
         return max(kib for _, p, kib in self.samples if p == phase)
@@ -171,7 +146,7 @@ async def flood(args) -> dict:
         sampler = Sampler(proc.pid)
         await asyncio.sleep(0.5)
         report["rss_kib_idle_server"] = sampler.now()
-        cpu0 = cpu_seconds(proc.pid)
+        cpu0 = common.tree_cpu_seconds(proc.pid)
 
         # 1. the flood: all at once, nobody sends anything
         sampler.phase = "flood"
@@ -199,7 +174,7 @@ async def flood(args) -> dict:
         sampler.phase = "held"
         await asyncio.sleep(1)
         report["rss_kib_holding_limit"] = sampler.now()
-        report["cpu_s_flood"] = round(cpu_seconds(proc.pid) - cpu0, 2)
+        report["cpu_s_flood"] = round(common.tree_cpu_seconds(proc.pid) - cpu0, 2)
 
         # 2. the session timeout cuts the idle ones
         async def cut(r):
@@ -252,7 +227,7 @@ async def flood(args) -> dict:
         report["rss_timeline_kib"] = [  # one sample per second: [seconds, phase, VmRSS KiB]
             [round(at - start, 1), phase, kib] for i, (at, phase, kib) in
             enumerate(sampler.samples) if i % 20 == 0]
-        report["cpu_s_total"] = round(cpu_seconds(proc.pid) - cpu0, 2)
+        report["cpu_s_total"] = round(common.tree_cpu_seconds(proc.pid) - cpu0, 2)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -262,7 +237,7 @@ async def flood(args) -> dict:
             proc.wait()
         proc.stdout.close()
     report["server_exit"] = proc.returncode
-    log = (workdir / "server.log").read_text(errors="replace")
+    log = (workdir / "ingress.log").read_text(errors="replace")
     refusals = server_side_durations(log, " refused by max_connections")
     report["server_side_accept_to_refusal_done"] = ms(refusals)
     idle_cut = server_side_durations(log, ": session timeout")
@@ -283,7 +258,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--limit", type=int, default=500)
     parser.add_argument("--idle", type=float, default=10.0, help="session timeout, seconds")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (server.log)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (ingress.log)")
     args = parser.parse_args()
     if not 0 < args.limit < args.connections <= 20_000:
         parser.error("need 0 < limit < connections <= 20000")

@@ -7,8 +7,13 @@ Every run starts its server afresh on 127.0.0.1 with an empty Maildir, drives it
 and one workload, stops it, and checks that the Maildir holds exactly the acknowledged messages.
 Servers: ``ingress`` (every builtin plugin, durable Maildir delivery), ``ingress-2w`` (the same
 with ``server.workers = 2``), ``baseline`` (bench/baseline.py: bare aiosmtpd writing the same
-Maildir with the same fsyncs) and ``sink`` (Postfix smtp-sink: stores nothing; the ceiling of the
-client on this machine). Clients: ``smtp-source`` (Postfix) and ``asyncio`` (bench/client.py).
+Maildir with the same fsyncs), ``sink`` (Postfix smtp-sink: stores nothing; the ceiling of the
+client on this machine), and the peer users compare us with: ``haraka`` (Haraka with one worker
+process, ``nodes=1``) and ``haraka-2n`` (``nodes=2``), both discarding what they accept
+(bench/haraka.py installs and configures them). Clients: ``smtp-source`` (Postfix) and
+``asyncio`` (bench/client.py). Every run also measures the server's CPU time per message: user
+plus system time of its whole process tree over the client's run, divided by the acknowledged
+messages.
 """
 
 from __future__ import annotations
@@ -29,13 +34,16 @@ import time
 from pathlib import Path
 
 import common
+import haraka
 
 HERE = Path(__file__).resolve().parent
-SMTP_SOURCE = "/usr/sbin/smtp-source"
+SMTP_SOURCE = common.SMTP_SOURCE
 SMTP_SINK = "/usr/sbin/smtp-sink"
 DOMAIN = "bench.test"
 USERS = 4
-SERVERS = ("ingress", "ingress-2w", "baseline", "sink")
+SERVERS = ("ingress", "ingress-2w", "baseline", "sink", "haraka", "haraka-2n")
+# what the table compares each ingress row with (msgs/s and CPU per message)
+PEERS = {"ingress": "haraka", "ingress-2w": "haraka-2n"}
 CLIENTS = ("smtp-source", "asyncio")
 RUN_TIMEOUT = 600  # seconds for one client run: a hung server fails the run, never the harness
 
@@ -60,30 +68,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_tree(pid: int) -> list[int]:
-    """*pid* and its descendants (workers)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    return tree
-
-
 def reset_peak_rss(pid: int) -> None:
     """Start the peak RSS count afresh for *pid* and its descendants, so that it covers the
     load, not start-up (ingress computes a 64 MiB argon2 hash at start, then frees it)."""
-    for p in process_tree(pid):
+    for p in common.process_tree(pid):
         try:
             Path(f"/proc/{p}/clear_refs").write_text("5")
         except OSError:
@@ -94,7 +82,7 @@ def peak_rss_kb(pid: int) -> int:
     """Peak resident set (VmHWM) of *pid* plus its descendants, in KiB: an upper bound of what
     the server held at once."""
     total = 0
-    for p in process_tree(pid):
+    for p in common.process_tree(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
@@ -172,6 +160,8 @@ class Server:
                     {"address": f"user{i}@{DOMAIN}", "password": f"pw{i}"}
                     for i in range(USERS)]},
                 "delivery": {"maildir": str(self.maildir), "queue": str(self.workdir / "queue")},
+                # every session comes from 127.0.0.1: no limit per client address
+                "plugins": {"max_connections": {"per_ip": 0}},
             }
             path = self.workdir / "ingress.json"
             path.write_text(json.dumps(config, indent=1))
@@ -181,6 +171,15 @@ class Server:
             self._spawn([sys.executable, str(HERE / "baseline.py"), "--maildir",
                          str(self.maildir), "--domain", DOMAIN, "--users", str(USERS),
                          *no_uvloop], "baseline:")
+        elif self.kind.startswith("haraka"):
+            self.port = free_port()
+            home = self.workdir / "haraka"
+            haraka.configure(home, self.port, 2 if self.kind == "haraka-2n" else 1, DOMAIN)
+            argv, env = haraka.command(home)
+            with open(self.log, "wb") as log:
+                self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                                cwd=self.workdir, env=env)
+            wait_connectable(self.port, self.process)
         elif self.kind == "sink":
             self.port = free_port()
             user = ["-u", "nobody"] if os.geteuid() == 0 else []
@@ -199,18 +198,22 @@ class Server:
         if self.process is None or self.process.poll() is not None:
             return
         common.stop(self.process)
-        self.process.stdout.close()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def cpu_seconds(self) -> float:
+        return common.tree_cpu_seconds(self.process.pid)
 
     def stored(self) -> int | None:
-        if self.kind == "sink":
+        if self.kind == "sink" or self.kind.startswith("haraka"):
             return None
         return sum(1 for _ in self.maildir.glob("*/*/new/*"))
 
 
 def wait_connectable(port: int, process: subprocess.Popen) -> None:
-    for _ in range(200):  # bounded: 10 s
+    for _ in range(600):  # bounded: 30 s
         if process.poll() is not None:
-            raise RuntimeError(f"smtp-sink exited with {process.returncode}")
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                 s.recv(100)
@@ -218,7 +221,7 @@ def wait_connectable(port: int, process: subprocess.Popen) -> None:
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError("smtp-sink did not accept connections")
+    raise RuntimeError(f"{process.args[0]} did not accept connections")
 
 
 # --- clients ------------------------------------------------------------------------------------
@@ -239,20 +242,15 @@ class Workload:
 
 def run_client(client: str, port: int, work: Workload, workdir: Path, uvloop: bool) -> dict:
     if client == "smtp-source":
-        argv = [SMTP_SOURCE, "-c", "-s", str(work.sessions), "-m", str(work.messages),
-                "-l", str(work.size), "-f", "sender@client.test", "-t", f"user0@{DOMAIN}",
-                "-M", "client.test", *(["-d"] if work.mode == "many" else []),
-                f"127.0.0.1:{port}"]
-        started = time.perf_counter()
-        done = subprocess.run(argv, capture_output=True, timeout=RUN_TIMEOUT)
-        elapsed = time.perf_counter() - started
-        counts = [c for c in done.stdout.decode().replace("\r", "\n").split() if c.isdigit()]
-        acked = int(counts[-1]) if counts else 0
+        done = common.smtp_source(port, sessions=work.sessions, messages=work.messages,
+                                  size=work.size, to=f"user0@{DOMAIN}", many=work.mode == "many",
+                                  timeout=RUN_TIMEOUT)
+        acked, elapsed = done["acked"], done["elapsed"]
         # smtp-source stops at the first unexpected reply; what it counted was acknowledged.
-        failed = work.messages - acked if done.returncode else 0
+        failed = work.messages - acked if done["returncode"] else 0
         return {"acked": acked, "failed": failed, "elapsed": elapsed,
                 "rate": acked / elapsed, "p50_ms": None, "p99_ms": None,
-                "errors": {done.stderr.decode(errors="replace")[-200:]: 1} if failed else {}}
+                "errors": {done["stderr"][-200:]: 1} if failed else {}}
     acked_file = workdir / "acked.txt"
     argv = [sys.executable, str(HERE / "client.py"), "--port", str(port),
             "--messages", str(work.messages), "--sessions", str(work.sessions),
@@ -302,6 +300,7 @@ class Row:
     p50_ms: float | None
     p99_ms: float | None
     rss_mb: float
+    cpu_us: float | None  # server CPU time per acknowledged message, microseconds
     acked: int
     failed: int
     check: str
@@ -317,7 +316,10 @@ def one_run(kind: str, client: str, work: Workload, root: Path, uvloop: bool,
     try:
         server.start()
         server.reset_peak_rss()
+        cpu_before = server.cpu_seconds()
         result = run_client(client, server.port, work, workdir, uvloop)
+        cpu = server.cpu_seconds() - cpu_before
+        result["cpu_us"] = 1e6 * cpu / result["acked"] if result["acked"] else None
         result["rss_kb"] = server.peak_rss_kb()
         result["busy"] = busy
     finally:
@@ -338,7 +340,7 @@ def median_row(kind: str, client: str, work: Workload, results: list[dict]) -> R
 
     checks = sorted({r["check"] for r in results})
     return Row(client, work.label, kind, med("rate"), med("p50_ms"), med("p99_ms"),
-               med("rss_kb") / 1024, sum(r["acked"] for r in results),
+               med("rss_kb") / 1024, med("cpu_us"), sum(r["acked"] for r in results),
                sum(r["failed"] for r in results), ", ".join(checks), len(results),
                med("busy"))
 
@@ -352,25 +354,29 @@ def fmt(value, digits=0) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def ratio(row: Row, other: Row | None) -> str:
-    if other is None or not other.rate or not row.server.startswith("ingress"):
+def ratio(row: Row, other: Row | None, key: str = "rate") -> str:
+    if other is None or not row.server.startswith("ingress"):
         return ""
-    return f"{row.rate / other.rate:.2f}"
+    mine, theirs = getattr(row, key), getattr(other, key)
+    return f"{mine / theirs:.2f}" if mine and theirs else ""
 
 
 def table(rows: list[Row]) -> str:
     by = {(r.client, r.workload, r.server): r for r in rows}
-    head = ("| client | workload | server | msgs/s | p50 ms | p99 ms | peak RSS MB | acked | "
-            "failed | stored = acked | vs baseline | vs ceiling | vs 1 worker | other load |")
+    head = ("| client | workload | server | msgs/s | p50 ms | p99 ms | CPU µs/msg | peak RSS MB | "
+            "acked | failed | stored = acked | vs baseline | vs ceiling | vs 1 worker | "
+            "vs Haraka | CPU vs Haraka | other load |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         single = by.get((r.client, r.workload, "ingress")) if r.server == "ingress-2w" else None
+        peer = by.get((r.client, r.workload, PEERS.get(r.server, "")))
         out.append(
             f"| {r.client} | {r.workload} | {r.server} | {fmt(r.rate)} | {fmt(r.p50_ms, 1)} | "
-            f"{fmt(r.p99_ms, 1)} | {fmt(r.rss_mb, 1)} | {r.acked} | {r.failed} | {r.check} | "
+            f"{fmt(r.p99_ms, 1)} | {fmt(r.cpu_us)} | {fmt(r.rss_mb, 1)} | {r.acked} | "
+            f"{r.failed} | {r.check} | "
             f"{ratio(r, by.get((r.client, r.workload, 'baseline')))} | "
             f"{ratio(r, by.get((r.client, r.workload, 'sink')))} | {ratio(r, single)} | "
-            f"{r.busy:.0%} |")
+            f"{ratio(r, peer)} | {ratio(r, peer, 'cpu_us')} | {r.busy:.0%} |")
     return "\n".join(out)
 
 
@@ -381,17 +387,23 @@ def geomean(values: list[float]) -> float | None:
 
 def summary(rows: list[Row]) -> str:
     by = {(r.client, r.workload, r.server): r for r in rows}
-    pairs = {"ingress / baseline": ("ingress", "baseline"),
-             "ingress / ceiling (smtp-sink)": ("ingress", "sink"),
-             "ingress 2 workers / ingress": ("ingress-2w", "ingress"),
-             "ingress 2 workers / baseline": ("ingress-2w", "baseline")}
+    pairs = {"ingress / baseline": ("ingress", "baseline", "rate"),
+             "ingress / ceiling (smtp-sink)": ("ingress", "sink", "rate"),
+             "ingress 2 workers / ingress": ("ingress-2w", "ingress", "rate"),
+             "ingress 2 workers / baseline": ("ingress-2w", "baseline", "rate"),
+             "ingress / Haraka nodes=1": ("ingress", "haraka", "rate"),
+             "ingress 2 workers / Haraka nodes=2": ("ingress-2w", "haraka-2n", "rate"),
+             "CPU per message: ingress / Haraka nodes=1": ("ingress", "haraka", "cpu_us"),
+             "CPU per message: ingress 2 workers / Haraka nodes=2":
+                 ("ingress-2w", "haraka-2n", "cpu_us")}
     out = ["| ratio (geometric mean over workloads) | smtp-source | asyncio | all | min | max |",
            "|---|---|---|---|---|---|"]
-    for label, (a, b) in pairs.items():
+    for label, (a, b, key) in pairs.items():
         cells, every = [], []
         for client in CLIENTS:
-            ratios = [by[(c, w, a)].rate / by[(c, w, b)].rate
-                      for (c, w, s) in by if c == client and s == a and (c, w, b) in by]
+            ratios = [getattr(by[(c, w, a)], key) / getattr(by[(c, w, b)], key)
+                      for (c, w, s) in by if c == client and s == a and (c, w, b) in by
+                      and getattr(by[(c, w, a)], key) and getattr(by[(c, w, b)], key)]
             every += ratios
             cells.append(fmt(geomean(ratios), 2))
         if every:

@@ -53,6 +53,7 @@ def ingress_config(work: Path) -> Path:
         "directory": {"domains": ["bench.test"],
                       "domain_settings": {"bench.test": {"catch_all": True}}},
         "delivery": {"maildir": str(work / "mail"), "queue": str(work / "queue")},
+        "plugins": {"max_connections": {"per_ip": 0}},  # --sessions from 127.0.0.1 alone
     }))
     return path
 

@@ -24,6 +24,11 @@ class AuthExchange(Protocol):
     async def challenge(self, data: bytes) -> bytes:
         """Send ``334 <base64(data)>`` and return the client's decoded answer."""
 
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed (the client reset it, or the session was cut):
+        nobody will read the answer, so a mechanism may skip expensive work."""
+
 
 class Mechanism:
     """One SASL mechanism. Subclass and implement :meth:`authenticate`.

@@ -5,6 +5,7 @@ recipient exist). Private to the core."""
 from __future__ import annotations
 
 from ingress import hookimpl
+from ingress.delivery import may_create_mailbox
 from ingress.reply import Reply
 
 CORE_PARAMETERS = {"MAIL": {"BODY", "SIZE"}, "RCPT": set()}
@@ -68,15 +69,18 @@ def on_rcpt(session, recipient):
 
 
 class Mailbox:
-    """A recipient in a local domain must be a user, an alias, a list, or a catch-all domain."""
+    """A recipient in a local domain must be a user, an alias, a list, or a catch-all domain
+    (with room for one more mailbox if its folder is new)."""
 
     @hookimpl
-    def on_rcpt(self, session, recipient):
+    def on_rcpt(self, session, transaction, recipient):
         if not recipient.local:
             return None
         directory = session.directory
         if directory.mailbox_exists(recipient.address):
-            return None
+            if may_create_mailbox(session, transaction, recipient.address):
+                return None
+            return Reply(452, "4.3.1", "Too many mailboxes")
         local, domain = directory.split(recipient.address)
         if directory.domain_settings(domain).catch_all:
             return Reply(553, "5.1.3", "Mailbox name not allowed")

@@ -1,9 +1,11 @@
-"""The ``ingress`` command: serve, check-config, schema, plugins. Private to the core."""
+"""The ``ingress`` command: serve, check-config, schema, plugins, hash-password. Private to the
+core."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
 import shutil
@@ -125,7 +127,7 @@ def _serve(args) -> int:
 
 
 def _check_config(args) -> int:
-    cfg = config_mod.load(args.file)
+    cfg = config_mod.load(args.file)  # None: the embedded default
     relay = (cfg.plugin_settings("relay") or {}).get("allow")
     if relay == "anyone":
         print(f"{cfg.source}: /plugins/relay/allow: warning: 'anyone' makes this an open relay",
@@ -135,8 +137,35 @@ def _check_config(args) -> int:
 
 
 def _schema(args) -> int:
-    json.dump(config_mod.full_schema(), sys.stdout, indent=2, sort_keys=True)
+    # With a config: exactly the schema that file is checked against (the core, the builtins
+    # and the third-party plugins it enables); without: every importable installed plugin.
+    schema = config_mod.load(args.config).schema if args.config else config_mod.full_schema()
+    json.dump(schema, sys.stdout, indent=2, sort_keys=True)
     print()
+    return 0
+
+
+def _hash_password(args) -> int:
+    """Read a password (asked twice on a terminal, else the first line of standard input) and
+    print a hash for ``directory.users[].password_hash``."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("ingress: the two passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("ingress: empty password", file=sys.stderr)
+        return 2
+    if args.bcrypt:
+        import bcrypt
+
+        print(bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode())
+    else:
+        import argon2
+
+        print(argon2.PasswordHasher().hash(password))  # argon2id, the library's defaults
     return 0
 
 
@@ -168,10 +197,18 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
     serve.set_defaults(func=_serve)
     check = sub.add_parser("check-config", help="validate a config file")
-    check.add_argument("file", metavar="FILE")
+    check.add_argument("file", metavar="FILE", nargs="?",
+                       help="config file; default: the embedded default")
     check.set_defaults(func=_check_config)
     schema = sub.add_parser("schema", help="print the merged JSON Schema of the config file")
+    schema.add_argument("--config", metavar="FILE",
+                        help="the schema this config file is checked against (its plugins "
+                             "only); default: core, builtins and every installed plugin")
     schema.set_defaults(func=_schema)
+    hashing = sub.add_parser("hash-password",
+                             help="print a password hash for directory.users[].password_hash")
+    hashing.add_argument("--bcrypt", action="store_true", help="bcrypt instead of argon2id")
+    hashing.set_defaults(func=_hash_password)
     plugins = sub.add_parser("plugins", help="list plugins and the hooks they implement")
     plugins.add_argument("--config", metavar="FILE")
     plugins.set_defaults(func=_plugins)

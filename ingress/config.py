@@ -8,9 +8,15 @@ with, so a reload never changes a session mid-flight.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
+import math
+import os
+import re
 import socket
+import ssl
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +25,7 @@ import jsonschema
 import yaml
 
 import ingress_schemas
-from ingress import manager
+from ingress import ipnets, manager
 from ingress.directory import Directory, DirectoryError
 from ingress.dispatch import Hooks
 from ingress.errors import ConfigError, PluginError
@@ -41,23 +47,219 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
 }
 
 
-def read_file(path: Path) -> Any:
-    """Parse TOML, JSON or YAML by the file's suffix (TOML by default)."""
+# Config files are untrusted input: bounded in size, in nesting and in parsing time.
+MAX_FILE_BYTES = 1024 * 1024  # a config or directory file larger than this is refused
+MAX_VALUES = 100_000  # a file of more values (scalars, lists, tables) is refused
+MAX_PEM_BYTES = 1024 * 1024  # a tls_cert or tls_key file larger than this is refused
+MAX_DEPTH = 64  # a value nested deeper than this (a JSON pointer with more parts) is refused
+MAX_FILE_ERRORS = 20  # problems reported per file before giving up on it
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available
+
+
+class FileError(ConfigError):
+    """A config or directory file that cannot be used: ``problems`` holds ``(pointer, message)``
+    pairs, the pointer saying where in the file (``""``: the whole file)."""
+
+    def __init__(self, path: Path, problems: list[tuple[str, str]]):
+        self.path = path
+        self.problems = problems
+        super().__init__([f"{path}: {where}: {message}" for where, message in problems])
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of *path*, refusing more than *limit* (a huge file is refused before it is
+    read; a device or pipe is read no further than that)."""
     try:
-        text = path.read_text("utf-8")
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size > limit:
+                raise FileError(path, [("", f"file too large ({size} bytes; the limit is "
+                                            f"{limit})")])
+            data = file.read(limit + 1)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
+        raise FileError(path, [("", f"cannot read: {exc.strerror or exc}")]) from None
+    if len(data) > limit:
+        raise FileError(path, [("", f"file too large (over {limit} bytes)")])
+    return data
+
+
+_TOML_SPECIAL = re.compile(r"[\"'#]")
+_TOML_BREAK = re.compile(r"[=\[\]{},\n]")
+_TOML_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _closing_quote(text: str, quote: str, start: int, end: int) -> int:
+    """Index just past the *quote* (``"`` or ``\"\"\"``) that closes a basic string whose body
+    starts at *start*, or *end* when none does before it; a quote after an odd number of
+    backslashes is escaped. Each backslash is looked at once at most."""
+    position = start
+    while True:
+        found = text.find(quote, position, end)
+        if found < 0:
+            return end
+        first = found
+        while first > start and text[first - 1] == "\\":
+            first -= 1
+        if (found - first) % 2 == 0:
+            return found + len(quote)
+        position = found + 1
+
+
+def _toml_without_strings(text: str) -> str:
+    """*text* with TOML strings and comments (which may hold anything) replaced by ``x`` (their
+    newlines kept). Linear in time and memory whatever the strings hold."""
+    parts = []
+    position = 0
+    while True:
+        found = _TOML_SPECIAL.search(text, position)
+        if found is None:
+            parts.append(text[position:])
+            return "".join(parts)
+        start = found.start()
+        parts.append(text[position:start])
+        newline = text.find("\n", start)
+        line_end = len(text) if newline < 0 else newline
+        if text[start] == "#":
+            end = line_end
+        elif text.startswith("'''", start):
+            close = text.find("'''", start + 3)
+            end = len(text) if close < 0 else close + 3
+        elif text[start] == "'":
+            close = text.find("'", start + 1, line_end)
+            end = line_end if close < 0 else close + 1
+        elif text.startswith('"""', start):
+            end = _closing_quote(text, '"""', start + 3, len(text))
+        else:
+            end = _closing_quote(text, '"', start + 1, line_end)
+        parts.append("x" + "\n" * text.count("\n", start, end))
+        position = end
+
+
+def _check_toml_nesting(path: Path, text: str) -> None:
+    """Refuse deep nesting before the TOML parser sees it: a dotted key of more than MAX_DEPTH
+    parts (tomllib takes time quadratic in the parts of one key: 20,000 parts, 10 s) and inline
+    arrays or tables nested more than MAX_DEPTH deep (parsed by recursion)."""
+    bare = _toml_without_strings(text)
+
+    def line(index: int) -> int:
+        return bare.count("\n", 0, index) + 1
+
+    depth = 0
+    for bracket in _TOML_BRACKET.finditer(bare):
+        depth += 1 if bracket[0] in "[{" else -1
+        if depth > MAX_DEPTH:
+            raise FileError(path, [("", f"line {line(bracket.start())}: nested deeper than "
+                                        f"{MAX_DEPTH} levels")])
+    position = 0
+    for segment in _TOML_BREAK.split(bare):
+        if segment.count(".") > MAX_DEPTH:
+            raise FileError(path, [("", f"line {line(position)}: a dotted key of more than "
+                                        f"{MAX_DEPTH} parts (nested deeper than {MAX_DEPTH} "
+                                        "levels)")])
+        position += len(segment) + 1
+
+
+def _check_yaml_events(path: Path, text: str) -> None:
+    """Walk the YAML event stream (flat, nothing built yet): refuse anchors and aliases, which
+    let a few hundred bytes expand to gigabytes, and nesting deeper than MAX_DEPTH."""
+    frames: list[list] = []  # per open collection: [is_mapping, key or index, expecting a key]
+    count = 0
+    for event in yaml.parse(text, Loader=_YAML_LOADER):
+        if isinstance(event, yaml.DocumentStartEvent):
+            frames = []
+            continue
+        if not isinstance(event, yaml.NodeEvent) and not isinstance(
+                event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            continue
+        if isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            frames.pop()
+        else:
+            parent = frames[-1] if frames else None
+            if parent and parent[0] and parent[2]:  # this node is a key of its mapping
+                parent[1] = event.value if isinstance(event, yaml.ScalarEvent) else "?"
+            if isinstance(event, yaml.AliasEvent) or event.anchor is not None:
+                raise FileError(path, [(pointer(f[1] for f in frames), "YAML anchors and aliases "
+                                        f"are not allowed (line {event.start_mark.line + 1})")])
+            if len(frames) > MAX_DEPTH:
+                raise FileError(path, [(pointer(f[1] for f in frames),
+                                        f"nested deeper than {MAX_DEPTH} levels")])
+            count += 1
+            if count > MAX_VALUES:  # before the loader builds a node object for each
+                raise FileError(path, [("", f"more than {MAX_VALUES} values")])
+            if isinstance(event, yaml.CollectionStartEvent):
+                frames.append([isinstance(event, yaml.MappingStartEvent), 0, True])
+                continue
+        if frames:  # a node is complete: its parent moves on
+            parent = frames[-1]
+            if parent[0]:
+                parent[2] = not parent[2]
+            else:
+                parent[1] += 1
+
+
+def _check_tree(path: Path, data: Any) -> None:
+    """Refuse values nested deeper than MAX_DEPTH, numbers that are not finite, (YAML) mapping
+    keys that are not strings, and more than MAX_VALUES values. Iterative: the tree may be
+    deep; memory: one iterator per level."""
+    problems: list[tuple[str, str]] = []
+    where: list[Any] = []
+    stack: list[Iterator[tuple[Any, Any]]] = [iter([(None, data)])]
+    count = 0
+    while stack and len(problems) < MAX_FILE_ERRORS:
+        step = next(stack[-1], None)
+        if step is None:
+            stack.pop()
+            if where:
+                where.pop()
+            continue
+        key, value = step
+        if len(stack) > 1:
+            where[-1] = key
+        count += 1
+        if count > MAX_VALUES:
+            problems.append(("", f"more than {MAX_VALUES} values"))
+            break
+        if len(where) > MAX_DEPTH:
+            problems.append((pointer(where), f"nested deeper than {MAX_DEPTH} levels"))
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append((pointer(where), f"{value} is not allowed: numbers must be finite"))
+        elif isinstance(value, (dict, list)):
+            if isinstance(value, dict):
+                problems.extend((pointer([*where, k]), f"key {k!r} is not a string (quote it)")
+                                for k in value if not isinstance(k, str))
+            stack.append(iter(value.items() if isinstance(value, dict) else enumerate(value)))
+            where.append(None)
+    if problems:
+        raise FileError(path, problems[:MAX_FILE_ERRORS])
+
+
+def read_file(path: Path) -> Any:
+    """Parse a config or directory file: JSON (``.json``), YAML (``.yaml``, ``.yml``), else
+    TOML. Raises :class:`FileError` for a file that is unreadable, too large, not UTF-8, not
+    parsable, or hostile (YAML anchors, deep nesting, nan/inf), in bounded time and memory."""
     try:
-        if path.suffix == ".json":
-            return json.loads(text)
-        if path.suffix in (".yaml", ".yml"):
-            return yaml.safe_load(text)
-        return tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
-        message = " ".join(str(exc).split())
-        raise ConfigError(f"{path}: cannot parse: {message}") from None
+        text = _read_bounded(path, MAX_FILE_BYTES).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FileError(path, [("", f"not UTF-8 text: {exc}")]) from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            _check_yaml_events(path, text)
+            data = yaml.load(text, Loader=_YAML_LOADER)
+        else:
+            _check_toml_nesting(path, text)
+            data = tomllib.loads(text)
+    except RecursionError:  # a parser recursing per level: far deeper than MAX_DEPTH
+        raise FileError(path, [("", f"nested deeper than {MAX_DEPTH} levels")]) from None
+    except (ValueError, yaml.YAMLError) as exc:  # parse errors; also ints of 4,300+ digits
+        message = " ".join(str(exc).split())  # parser messages span lines; ours may not
+        if "maximum nesting depth" in message:  # libyaml's own limit (1,000) came first
+            raise FileError(path, [("", f"nested deeper than {MAX_DEPTH} levels")]) from None
+        raise FileError(path, [("", f"cannot parse: {message}")]) from None
+    _check_tree(path, data)
+    return data
 
 
 def pointer(parts) -> str:
@@ -84,9 +286,51 @@ def apply_defaults(schema: dict, instance: Any) -> None:
                 apply_defaults(extra, value)
 
 
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                       r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?", re.ASCII)
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^\[\]:]*)):(?P<port>[0-9]{1,5})",
+                        re.ASCII)
+
+
+def parse_host_port(value: str, *, listen: bool = False) -> tuple[str, int]:
+    """``(host, port)`` of ``host:port`` or ``[ipv6]:port``; raises ValueError saying what is
+    wrong. The host is a name, an IPv4 address or (bracketed) an IPv6 address; with *listen*
+    it may be empty (every interface) and the port 0 (any free port)."""
+    found = _HOST_PORT.fullmatch(value)
+    if not found:
+        if value.count(":") > 1 and not value.startswith("["):
+            raise ValueError(f"{value!r} is not host:port: write an IPv6 address in brackets, "
+                             "as in [::1]:25")
+        raise ValueError(f"{value!r} is not host:port (such as 127.0.0.1:25 or [::1]:25)")
+    port = int(found["port"])
+    if not (0 if listen else 1) <= port <= 65535:
+        raise ValueError(f"{value!r}: port {port} is out of range (1-65535"
+                         f"{'; 0: any free port' if listen else ''})")
+    if found["v6"] is not None:
+        try:
+            ipaddress.IPv6Address(found["v6"])
+        except ValueError:
+            raise ValueError(f"{value!r}: {found['v6']!r} is not an IPv6 address") from None
+        return found["v6"], port
+    host = found["host"]
+    if not host and listen:
+        return host, port
+    if len(host) > 253 or not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"{value!r}: {host!r} is not a host name or IPv4 address")
+    return host, port
+
+
+# Formats our schemas (and plugin schemas) may use; the message of a failed check is its error.
+FORMATS = jsonschema.FormatChecker(formats=())
+FORMATS.checks("host-port", raises=ValueError)(
+    lambda v: not isinstance(v, str) or bool(parse_host_port(v)))
+FORMATS.checks("listen-address", raises=ValueError)(
+    lambda v: not isinstance(v, str) or bool(parse_host_port(v, listen=True)))
+
+
 def schema_errors(schema: dict, data: Any) -> list[tuple[str, str]]:
     """Every validation error as ``(pointer, message)``, unknown keys pointed at themselves."""
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = jsonschema.Draft202012Validator(schema, format_checker=FORMATS)
     found = []
     for error in validator.iter_errors(data):
         path = list(error.absolute_path)
@@ -97,8 +341,46 @@ def schema_errors(schema: dict, data: Any) -> list[tuple[str, str]]:
                 if key not in allowed and not patterns:
                     found.append((pointer(path + [key]), f"unknown key {key!r}"))
             continue
+        if error.validator == "format" and error.cause is not None:
+            found.append((pointer(path), str(error.cause)))
+            continue
         found.append((pointer(path), error.message))
     return sorted(set(found))
+
+
+def tls_problems(cert: str, key: str) -> list[tuple[str, str]]:
+    """What is wrong with a certificate chain and private key pair (PEM files), checked the way
+    the server loads them; ``(pointer, message)`` each."""
+    problems = []
+    for name, path, marker in (("tls_cert", cert, b"-----BEGIN CERTIFICATE-----"),
+                               ("tls_key", key, b"PRIVATE KEY-----")):
+        try:
+            pem = _read_bounded(Path(path), MAX_PEM_BYTES)
+        except FileError as exc:
+            problems.append((f"/server/{name}", f"{path}: {exc.problems[0][1]}"))
+            continue
+        if marker not in pem:
+            what = "certificate" if name == "tls_cert" else "private key"
+            problems.append((f"/server/{name}", f"{path}: no PEM {what} in this file"))
+    if problems:
+        return problems
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+
+    def no_passphrase() -> str:
+        raise ValueError("the private key is encrypted (a key with a passphrase cannot be used)")
+
+    try:
+        context.load_cert_chain(cert, key, password=no_passphrase)
+    except ValueError as exc:
+        return [("/server/tls_key", f"{key}: {exc}")]
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return [("/server/tls_key", f"{key}: this key does not belong to the certificate "
+                                        f"in {cert}")]
+        return [("/server/tls_cert", f"cannot load {cert} with {key}: {exc.reason or exc}")]
+    except OSError as exc:
+        return [("/server/tls_cert", f"cannot load {cert} with {key}: {exc.strerror or exc}")]
+    return []
 
 
 def merged_schema(plugin_schemas: dict[str, dict | None]) -> dict:
@@ -234,6 +516,16 @@ def build(raw: Any, path: Path | None, base_dir: Path,
     if server["listen_tls"] and not server["tls_cert"]:
         raise ConfigError(f"{source}: /server/listen_tls: implicit TLS listeners need "
                           "server.tls_cert and server.tls_key")
+    bad_proxies = [f"{source}: {pointer(['server', 'proxy_protocol', i])}: {entry!r} is not an "
+                   "IP address or CIDR network"
+                   for i, entry in enumerate(server["proxy_protocol"])
+                   if ipnets.parse_network(entry) is None]
+    if bad_proxies:
+        raise ConfigError(bad_proxies)
+    if server["tls_cert"]:
+        problems = tls_problems(server["tls_cert"], server["tls_key"])
+        if problems:
+            raise ConfigError([f"{source}: {p}: {m}" for p, m in problems])
     try:
         directory = Directory.from_config(data["directory"], base_dir)
     except DirectoryError as exc:
@@ -244,7 +536,7 @@ def build(raw: Any, path: Path | None, base_dir: Path,
             pm.unregister(name=name)
         pm.set_blocked(name)
     infos = [i for i in infos if i.name not in disabled]
-    hooks = Hooks(pm, data["plugins"], builtins)
+    hooks = Hooks(pm, data["plugins"], builtins, timeout=data["server"]["hook_timeout"])
     return Config(path, data, directory, tuple(infos), hooks, schema)
 
 

@@ -14,10 +14,8 @@ import functools
 import hashlib
 import hmac
 import ipaddress
-import json
 import re
 import secrets
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +24,6 @@ from typing import Any
 import argon2
 import bcrypt
 import cerberus
-import yaml
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 __all__ = ["Directory", "DirectoryError", "DomainSettings", "User"]
 
@@ -43,6 +35,8 @@ _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*", re.ASCII | re.IGNORECASE)
 _SAFE_LOCAL_RE = re.compile(r"[A-Za-z0-9!#$%&'*+=?^_`{|}~.-]{1,64}", re.ASCII)
 _BCRYPT_RE = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}", re.ASCII)
+UNSAFE_LOCAL_PART = ("the local part is not a safe folder name (1 to 64 of the ASCII letters, "
+                     "digits and !#$%&'*+=?^_`{|}~.-, no leading dot, no '..')")
 
 
 class DirectoryError(ValueError):
@@ -73,6 +67,7 @@ class DomainSettings:
 
     require_smtp_auth: bool = False
     catch_all: bool = False
+    catch_all_max_mailboxes: int = 1000
 
 
 def _pointer(path: Iterable[Any]) -> str:
@@ -126,6 +121,10 @@ class _Validator(cerberus.Validator):
         if isinstance(value, str) and not Directory.is_valid_address(value):
             self._error(field, f"invalid address {value!r}")
 
+    def _check_with_not_boolean(self, field: Any, value: Any) -> None:
+        if isinstance(value, bool):
+            self._error(field, "must be of integer type")
+
     def _check_with_members(self, field: Any, value: Any) -> None:
         if isinstance(value, list) and not value:
             self._error(field, "needs at least one member")
@@ -174,6 +173,8 @@ _FILE_SCHEMA: dict[str, Any] = {
             "schema": {
                 "require_smtp_auth": {"type": "boolean", "default": False},
                 "catch_all": {"type": "boolean", "default": False},
+                "catch_all_max_mailboxes": {"type": "integer", "min": 1, "default": 1000,
+                                            "check_with": "not_boolean"},
             },
         },
     },
@@ -242,29 +243,20 @@ def _entries(source: _Source, name: str) -> Iterator[tuple[Any, Any]]:
 
 
 def _load_file(path: Path, errors: list[tuple[str, str]]) -> Mapping[str, Any] | None:
+    from ingress.config import FileError, read_file  # config imports this module
+
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".yaml", ".yml", ".json"):
         errors.append(("/directory/file", f"{path}: unsupported file type (not .toml/.yaml/.json)"))
         return None
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        errors.append(("/directory/file", f"cannot read {path}: {exc.strerror or exc}"))
+        data = read_file(path)
+    except FileError as exc:
+        errors.extend(("/directory/file", f"{where} in {path}: {message}" if where else
+                       f"{path}: {message}") for where, message in exc.problems)
         return None
-    except UnicodeDecodeError as exc:
-        errors.append(("/directory/file", f"{path} is not UTF-8 text: {exc}"))
-        return None
-    try:
-        if suffix == ".toml":
-            data = tomllib.loads(text)
-        elif suffix == ".json":
-            data = json.loads(text)
-        else:
-            data = yaml.safe_load(text) or {}
-    except (ValueError, yaml.YAMLError) as exc:  # TOMLDecodeError/JSONDecodeError: ValueError
-        message = " ".join(str(exc).split())  # parser messages span lines; ours may not
-        errors.append(("/directory/file", f"cannot parse {path}: {message}"))
-        return None
+    if data is None:  # an empty YAML file
+        data = {}
     if not isinstance(data, Mapping):
         errors.append(("/directory/file", f"{path}: top level must be a table/mapping"))
         return None
@@ -371,6 +363,15 @@ class Directory:
 
         claimed: dict[str, str] = {}  # normalised address -> where it was defined
 
+        def unsafe(origin: _Origin, path: tuple[Any, ...], address: str) -> bool:
+            """A local address whose local part could not be a Maildir folder (it would
+            escape the Maildir or nest folders): an error."""
+            local, domain = cls.split(address)
+            if domain not in domains or cls.is_safe_local_part(local):
+                return False
+            errors.append(origin.error(path, f"{address!r}: {UNSAFE_LOCAL_PART}"))
+            return True
+
         def claim(origin: _Origin, path: tuple[Any, ...], address: str) -> bool:
             if not cls.is_valid_address(address):
                 errors.append(origin.error(path, f"invalid address {address!r}"))
@@ -378,6 +379,8 @@ class Directory:
             key = cls.normalise(address)
             if cls.split(address)[1] not in domains:
                 errors.append(origin.error(path, f"{address!r} is not in a local domain"))
+            elif unsafe(origin, path, address):
+                return False
             elif key in claimed:
                 message = f"{address!r} is already defined at {claimed[key]}"
                 errors.append(origin.error(path, message))
@@ -414,7 +417,8 @@ class Directory:
         for kind, found in groups.items():
             for source in sources:
                 for key, members in _entries(source, kind):
-                    if claim(source[0], (kind, key), key):
+                    bad = [unsafe(source[0], (kind, key, i), m) for i, m in enumerate(members)]
+                    if claim(source[0], (kind, key), key) and not any(bad):
                         found[key] = members
         return cls(domains=domains, users=users, aliases=groups["aliases"],
                    lists=groups["lists"], domain_settings=settings)
@@ -451,7 +455,9 @@ class Directory:
 
     @staticmethod
     def is_safe_local_part(local: str) -> bool:
-        """Whether ``local`` is safe as a single Maildir directory name."""
+        """Whether ``local`` is safe as a single Maildir directory name. The one rule for
+        catch-all local parts, for every local address in the directory (checked when the
+        config is loaded) and for the Maildir writer itself."""
         return (_SAFE_LOCAL_RE.fullmatch(local) is not None
                 and not local.startswith(".") and ".." not in local)
 
@@ -506,6 +512,12 @@ class Directory:
                 expanded.add(key)
                 stack.extend(reversed(members))
         return result
+
+    def is_configured(self, address: str) -> bool:
+        """Whether ``address`` is a user, an alias or a list (not merely a catch-all name)."""
+        key = self._key(address)
+        return key is not None and (key in self._users or key in self._aliases
+                                    or key in self._lists)
 
     def mailbox_exists(self, address: str) -> bool:
         """Whether RCPT TO this address should be accepted as local: a user, an alias, a list,

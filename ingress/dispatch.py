@@ -20,6 +20,7 @@ from typing import Any
 
 import pluggy
 
+from ingress.errors import IngressError
 from ingress.reply import Reply
 from ingress.state import StateUnavailable
 
@@ -34,8 +35,8 @@ BUILTIN_ORDER: dict[str, tuple[str, ...]] = {
     "deliver": ("delivery",),
 }
 
-# Async implementations of decision hooks that take longer than this fail closed (451 4.3.0).
-HOOK_TIMEOUT = float(os.environ.get("INGRESS_HOOK_TIMEOUT", "60"))
+# Default of server.hook_timeout: every awaited hook call is bounded by it.
+DEFAULT_HOOK_TIMEOUT = 60.0
 
 FAILED = object()  # what a failed implementation "returned" from first()
 
@@ -59,13 +60,16 @@ class Impl:
     is_async: bool
     wants_state: bool  # declares ``state``: gets its own Store of the session's server
     settings: Any  # the plugin's own config section, passed as ``settings``
+    builtin: bool  # a builtin or core plugin: its checks run even after a third party vouched
 
 
 class Hooks:
     """The ordered hook tables of one plugin manager plus each plugin's settings."""
 
-    def __init__(self, pm: pluggy.PluginManager, settings: dict[str, Any], builtins: set[str]):
+    def __init__(self, pm: pluggy.PluginManager, settings: dict[str, Any], builtins: set[str],
+                 timeout: float = DEFAULT_HOOK_TIMEOUT):
         self._pm = pm
+        self.timeout = timeout  # seconds any one awaited implementation may take
         self._settings = settings
         self._builtins = builtins
         self._tables: dict[str, tuple[Impl, ...]] = {}
@@ -91,7 +95,7 @@ class Hooks:
             if name in self._builtins:
                 rank = order.index(name) if name in order else len(order)
                 return (1, rank * 10_000 + registration.get(name, 0))
-            return (0 if hi.tryfirst else 2, registration.get(name, 0))
+            return (0 if hi.tryfirst else 3 if hi.trylast else 2, registration.get(name, 0))
 
         hookimpls.sort(key=key)
         return tuple(
@@ -102,6 +106,7 @@ class Hooks:
                 inspect.iscoroutinefunction(hi.function),
                 "state" in hi.argnames,
                 self._settings.get(hi.plugin_name),
+                hi.plugin_name in self._builtins,
             )
             for hi in hookimpls
         )
@@ -120,22 +125,30 @@ class Hooks:
     def _pending(impl: Impl, result: Any) -> bool:
         return impl.is_async or (result is not None and inspect.isawaitable(result))
 
-    @staticmethod
-    def _failed(hook: str, impl: Impl, exc: Exception) -> None:
+    def _failed(self, hook: str, impl: Impl, exc: Exception) -> None:
         if isinstance(exc, StateUnavailable):
             return  # the state backend logs an outage once, not once per command
         if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-            log.error("plugin %s did not answer %s within %gs", impl.plugin, hook, HOOK_TIMEOUT)
+            log.error("plugin %s did not answer %s within %gs", impl.plugin, hook, self.timeout)
         else:
             log.error("plugin %s failed in %s", impl.plugin, hook, exc_info=exc)
 
     async def decide(self, hook: str, **kwargs: Any) -> tuple[Reply | None, str | None]:
-        """Run a decision hook: the first ``Reply`` wins. Returns ``(reply, plugin)``."""
+        """Run a decision hook: the first refusal wins. Returns ``(reply, plugin)``.
+
+        A positive ``Reply`` (2xx/3xx) from a builtin is the answer. One from a third-party
+        plugin *vouches* for the command: the remaining third-party implementations are skipped,
+        but the builtins' checks still run and may still refuse (a plugin's ``Reply.ok()`` never
+        turns off relay control or size limits); if none does, the voucher is returned and the
+        core carries out the command as usual, answering with the voucher's text."""
+        vouched: tuple[Reply, str] | None = None
         for impl in self.impls(hook):
+            if vouched is not None and not impl.builtin:
+                continue
             try:
                 result = self._start(hook, impl, kwargs)
                 if self._pending(impl, result):
-                    result = await _bounded(result, HOOK_TIMEOUT)
+                    result = await _bounded(result, self.timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # fail closed
@@ -145,8 +158,11 @@ class Hooks:
                 if not isinstance(result, Reply):
                     log.error("plugin %s returned %r from %s", impl.plugin, result, hook)
                     return Reply.tempfail(), impl.plugin
+                if result.is_positive and not impl.builtin:
+                    vouched = vouched or (result, impl.plugin)
+                    continue
                 return result, impl.plugin
-        return None, None
+        return vouched or (None, None)
 
     async def first(self, hook: str, **kwargs: Any) -> tuple[Any, str | None]:
         """Run until an implementation returns something other than ``None``. A failing
@@ -155,7 +171,7 @@ class Hooks:
             try:
                 result = self._start(hook, impl, kwargs)
                 if self._pending(impl, result):
-                    result = await result
+                    result = await _bounded(result, self.timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -173,7 +189,7 @@ class Hooks:
             try:
                 result = self._start(hook, impl, kwargs)
                 if self._pending(impl, result):
-                    result = await _bounded(result, HOOK_TIMEOUT)
+                    result = await _bounded(result, self.timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -182,6 +198,20 @@ class Hooks:
             if result is not None:
                 results.append((impl.plugin, result))
         return results
+
+    async def run_all(self, hook: str, **kwargs: Any) -> None:
+        """Run every implementation, awaiting each (``startup``). The first error ends the
+        walk as an :class:`IngressError` naming the plugin."""
+        for impl in self.impls(hook):
+            try:
+                result = self._start(hook, impl, kwargs)
+                if self._pending(impl, result):
+                    await result
+            except IngressError:
+                raise
+            except Exception as exc:
+                raise IngressError(f"plugin {impl.plugin} failed in {hook}: "
+                                   f"{type(exc).__name__}: {exc}") from None
 
     def collect_sync(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Like :meth:`collect` for hooks called outside the event loop (``config_schema``).

@@ -16,12 +16,16 @@ How hooks are called
   (e.g. a coroutine) in those cases; the core awaits it like an ``async def`` result.
 * **Decision hooks** (``on_*`` below, unless said otherwise) return ``None`` to let the next plugin
   decide, or a :class:`ingress.Reply`. The core calls the implementations one at a time and stops at
-  the first ``Reply``; it remembers which plugin gave it (logs, metrics).
+  the first refusal (4xx/5xx); it remembers which plugin gave it (logs, metrics). A positive reply
+  from a third-party plugin vouches for the command: later third-party implementations are
+  skipped, the builtins' checks still run, the core still records the sender or recipient or
+  stores the message, and the voucher is sent instead of the core's own success reply.
 * Order: builtins run in the contract's order of checks (``ingress.dispatch.BUILTIN_ORDER``);
-  third-party implementations run after the builtins, or before them when marked
-  ``@hookimpl(tryfirst=True)``; among themselves in registration order.
-* A plugin that raises fails closed: the error is logged with plugin and hook name, and the client
-  gets ``451 4.3.0`` for that command.
+  third-party implementations run after the builtins, before them when marked
+  ``@hookimpl(tryfirst=True)``, last when marked ``@hookimpl(trylast=True)``; among themselves in
+  registration order. ``hookwrapper=True`` and ``wrapper=True`` are refused at registration.
+* A plugin that raises, or whose hook waits longer than ``server.hook_timeout``, fails closed: the
+  error is logged with plugin and hook name, and the client gets ``451 4.3.0`` for that command.
 """
 
 from __future__ import annotations
@@ -71,19 +75,46 @@ def greeting(session, settings, state):
     """
 
 
+@hookspec
+def startup(config, settings):
+    """The server (each worker process, after the fork) is about to open its listeners. All
+    implementations run, in order; may be ``async def``. Connect to outside services here.
+
+    Raise :class:`ingress.errors.IngressError` to refuse to start: its lines are printed and the
+    server exits 2 (any other exception is reported the same way, naming the plugin). A service
+    that is merely down should not stop the start: log it and retry in the background.
+    :param config: the :class:`ingress.config.Config` the server starts with.
+    """
+
+
+@hookspec
+def shutdown(settings):
+    """The server has drained its sessions and is about to exit. All implementations run; close
+    connections cleanly here. Errors are logged."""
+
 
 # --- connection ------------------------------------------------------------------------------
 
 
 @hookspec
+def connection_opened(session, settings, state):
+    """A client connected; runs before ``on_connect`` decides anything. All implementations run;
+    return values are ignored. The counterpart of ``on_disconnect``: each runs exactly once per
+    connection, whatever ``on_connect`` answers, so observers (counters, logs) see every
+    connection, refused ones included. Not for decisions: use ``on_connect``."""
+
+
+@hookspec
 def on_connect(session, settings, state):
     """A client connected. Decision hook: a ``Reply`` replaces the greeting (e.g. ``421`` with
-    ``close=True``) and, like any decision, ends the hook: the implementations after it do not
-    run (so a plugin that only wants another greeting text implements ``greeting``).
+    ``close=True``); a refusal ends the hook: the implementations after it do not run (a plugin
+    that only wants another greeting text implements ``greeting``).
 
     Plugins that need timers set them here with ``session.set_timeout(kind, seconds)`` (the core
-    runs the clock; see :meth:`ingress.session.Session.set_timeout`). ``session.connections`` is
-    the number of open connections, this one included.
+    runs the clock; see :meth:`ingress.session.Session.set_timeout`, and
+    :meth:`~ingress.session.Session.set_min_data_rate`). ``session.connections`` is the number of
+    open connections, this one included; :meth:`~ingress.session.Session.count_concurrent`
+    counts open connections per key (say, per client address), across workers too.
     """
 
 
@@ -160,6 +191,21 @@ def continue_after_disconnect(session, settings, state):
 
 
 # --- transaction -----------------------------------------------------------------------------
+
+
+@hookspec
+def may_relay(session, transaction, address, settings, state) -> bool | None:
+    """May this session send mail to *address* (a ``str``, not necessarily a recipient it
+    named)? Return ``True`` (yes), ``False`` (no) or ``None`` (no opinion). First non-``None``
+    result wins; without one the answer is no.
+
+    Asked by plugins that would send mail of their own on the client's behalf (the ``dsn``
+    plugin's success reports to MAIL FROM), so that they follow the relay policy without
+    knowing it. The builtin ``relay`` plugin answers with its rules; a third-party policy that
+    must decide before it uses ``@hookimpl(tryfirst=True)``. Called outside the command loop:
+    it never answers the client.
+    """
+
 
 
 @hookspec

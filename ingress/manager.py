@@ -123,12 +123,30 @@ def new_manager() -> pluggy.PluginManager:
 
 
 def register(pm: pluggy.PluginManager, info: PluginInfo) -> None:
-    """Register one plugin; a bad hook name or a clash is a :class:`PluginError` naming it."""
+    """Register one plugin; a bad hook name, a hook option the core does not honour, or a clash
+    is a :class:`PluginError` naming it."""
     try:
         pm.register(info.plugin, name=info.name)
         pm.check_pending()
+        _refuse_unsupported_options(pm, info)
     except (pluggy.PluginValidationError, ValueError) as exc:
         if pm.get_plugin(info.name) is info.plugin:
             pm.unregister(name=info.name)
         raise PluginError(f"plugin {info.name!r} ({info.source}): {exc}") from None
     info.hooks = sorted(c.name for c in pm.get_hookcallers(info.plugin) or [])
+
+
+# pluggy hookimpl options the core's dispatcher does not implement: it walks implementations
+# itself (ingress.dispatch), so a wrapper would never wrap anything.
+UNSUPPORTED_OPTIONS = ("hookwrapper", "wrapper")
+
+
+def _refuse_unsupported_options(pm: pluggy.PluginManager, info: PluginInfo) -> None:
+    for caller in pm.get_hookcallers(info.plugin) or []:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is not info.plugin:
+                continue
+            for option in UNSUPPORTED_OPTIONS:
+                if getattr(impl, option, False):
+                    raise ValueError(f"hook {caller.name} is marked {option}=True, which ingress "
+                                     "does not support (use tryfirst or trylast to order it)")

@@ -2,7 +2,8 @@
 
 Private to the core; plugins that want their own metrics create them in
 :data:`REGISTRY` with ``prometheus_client``. Counting happens in hooks like any plugin:
-``on_connect`` (sessions), ``on_reply`` (rejections by the plugin that gave them),
+``connection_opened`` and ``on_disconnect`` (sessions, open connections: every connection,
+refused ones included), ``on_reply`` (rejections by the plugin that gave them),
 ``after_delivery`` (messages, bytes, per local domain). The per-domain series are not kept
 when ``plugins.relay.allow`` is ``anyone`` (the seed: an open relay turns domain statistics off).
 
@@ -24,7 +25,8 @@ from ingress import hookimpl
 log = logging.getLogger("ingress.metrics")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
-SESSIONS = Counter("ingress_sessions", "SMTP sessions accepted", registry=REGISTRY)
+SESSIONS = Counter("ingress_sessions", "SMTP sessions (connections), refused ones included",
+                   registry=REGISTRY)
 OPEN = Gauge("ingress_open_connections", "Open SMTP connections", registry=REGISTRY,
              multiprocess_mode="livesum")
 MESSAGES = Counter("ingress_messages_accepted", "Messages stored and acknowledged with 250",
@@ -42,7 +44,7 @@ def domain_statistics(config) -> bool:
 
 
 @hookimpl
-def on_connect(session):
+def connection_opened(session):
     SESSIONS.inc()
     OPEN.inc()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import signal
 import socket
 import ssl
@@ -13,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ingress import config as config_mod
-from ingress import metrics
+from ingress import ipnets, leftovers, metrics, proxy
 from ingress.errors import ConfigError, IngressError
+from ingress.keycounts import KeyCounts
 from ingress.reply import Reply
 from ingress.smtp import SMTPProtocol
 from ingress.state import open_backend
@@ -64,10 +64,8 @@ def spool_dir(cfg: config_mod.Config) -> Path:
 
 
 def prepare_spool(cfg: config_mod.Config) -> None:
-    spool = spool_dir(cfg)
-    if spool.exists():  # leftovers of a crash: never acknowledged, safe to drop
-        shutil.rmtree(spool, ignore_errors=True)
-    spool.mkdir(parents=True, exist_ok=True)
+    """Once, before serving (by the parent when there are workers): crash leftovers go."""
+    leftovers.remove_at_start(spool_dir(cfg), Path(cfg.data["delivery"]["queue"]))
 
 
 ACCEPT_BATCH = 64  # connections taken per readiness event: one busy listener cannot hog the loop
@@ -146,6 +144,14 @@ class Listener:
             local = conn.getsockname()
         except OSError:
             local = self.sock.getsockname()
+        settings = server.config.server
+        if ipnets.matches(peer[0], settings["proxy_protocol"]):
+            try:
+                peer = await proxy.read_header(conn, settings["proxy_timeout"]) or peer
+            except proxy.ProxyError as exc:
+                log.warning("connection from proxy %s closed: %s", peer[0], exc)
+                conn.close()
+                return
         try:
             await self.loop.connect_accepted_socket(
                 lambda: SMTPProtocol(server, tls_listener=self.tls, peer=peer, local=local),
@@ -173,6 +179,7 @@ class Worker:
     metrics_listen: str  # "" except in the worker that serves /metrics
     open_connections: Any  # a shared array of per-worker counts (multiprocessing.RawArray)
     parent_fd: int  # read end of a pipe the parent never writes to: EOF means it is gone
+    key_table: Any = None  # shared open connections per key, a region per worker (keycounts)
 
 
 class Server:
@@ -181,6 +188,8 @@ class Server:
         self.worker = worker
         self.tls_context = tls_context(cfg)
         self.own_connections = 0  # open connections of this process, exact
+        self.key_counts = KeyCounts() if worker is None or worker.key_table is None else (
+            KeyCounts(worker.key_table, worker.slot, len(worker.open_connections)))
         self.protocols: set[SMTPProtocol] = set()
         self.listeners: list[asyncio.AbstractServer] = []
         self.messages_accepted = 0
@@ -188,6 +197,7 @@ class Server:
         self._idle.set()
         # Opened here, in the process and loop that serve (after a worker's fork).
         self.state = open_backend(cfg.server["state"], cfg.server["state_timeout"])
+        self.sweeper: asyncio.Task | None = None
         if worker is None:  # workers share the spool; their parent prepares it once
             prepare_spool(cfg)
 
@@ -234,6 +244,7 @@ class Server:
         listen = worker.listen if worker else server["listen"]
         listen_tls = worker.listen_tls if worker else server["listen_tls"]
         metrics_listen = worker.metrics_listen if worker else server["metrics_listen"]
+        await self.config.hooks.run_all("startup", config=self.config)
         ready = []
         for value, tls in [(v, False) for v in listen] + [(v, True) for v in listen_tls]:
             host, port = parse_listen(value)
@@ -256,6 +267,8 @@ class Server:
                                    f"{exc.strerror or exc}") from None
             self.listeners.append(http)
             ready.append(f"{where} (metrics)")
+        if worker is None or worker.slot == 0:  # one sweeper per server
+            self.sweeper = asyncio.create_task(leftovers.sweep_maildir(self))
         return ready
 
     async def close_listeners(self) -> None:
@@ -290,6 +303,8 @@ class Server:
     async def drain(self, seconds: float) -> None:
         """Stop accepting; let open sessions finish for *seconds*; then cut them with 421."""
         await self.close_listeners()
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         if self.protocols:
             log.info("draining %d session(s) for up to %gs", len(self.protocols), seconds)
             try:
@@ -304,6 +319,7 @@ class Server:
                 await asyncio.wait_for(self._idle.wait(), 5)
             except asyncio.TimeoutError:
                 log.warning("%d session(s) did not end", len(self.protocols))
+        await self.config.hooks.collect("shutdown")
 
 
 def print_lines(lines: list[str]) -> None:

@@ -86,6 +86,9 @@ class Session:
         self.counters: Counter[str] = Counter()
         self.notes: dict[str, Any] = {}
         self.timeouts: dict[str, float] = {}
+        #: (octets per second, grace seconds) a DATA body must keep up; see set_min_data_rate
+        self.min_data_rate: tuple[float, float] | None = None
+        self._count_concurrent = None  # set by the core (ingress.smtp)
         self.helo: str | None = None
         self.esmtp = False
         self.auth_user: str | None = None
@@ -139,6 +142,25 @@ class Session:
             self.timeouts.pop(kind, None)
         else:
             self.timeouts[kind] = float(seconds)
+
+    def set_min_data_rate(self, octets_per_second: float | None, grace: float = 0.0) -> None:
+        """Cut a slow DATA body: *t* seconds after its ``354`` it must have delivered at least
+        ``octets_per_second * (t - grace)`` octets, else the client gets ``421 4.4.2 <hostname>
+        Command timeout`` and is disconnected, like on the command timer (the core applies the
+        same check to each BDAT chunk, from its BDAT command, once it has BDAT). ``None`` or 0
+        turns it off. Plugins call this from ``on_connect``."""
+        if octets_per_second:
+            self.min_data_rate = (float(octets_per_second), float(grace))
+        else:
+            self.min_data_rate = None
+
+    def count_concurrent(self, key: str) -> int:
+        """Count this connection under *key* for as long as it is open; return how many open
+        connections of this server (all its worker processes) are counted under *key*, this one
+        included. The core takes the count back exactly once, when the connection ends or the
+        server cuts it, however that happens. For per-client limits (the ``max_connections``
+        plugin counts the client's address); each call counts once more."""
+        return self._count_concurrent(key)
 
     def reset_smtp_state(self) -> None:
         """Forget HELO, authentication and the transaction (RFC 3207 after STARTTLS)."""

@@ -57,6 +57,8 @@ R_SYNTAX = Reply(500, "5.5.2", "Syntax error, command unrecognized")
 R_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 R_NEED_HELO = Reply(503, "5.5.1", "Send HELO/EHLO first")
 R_OK = Reply(250, "2.0.0", "OK")
+R_SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+R_RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 
 
 def valid_address(address: str) -> bool:
@@ -120,6 +122,9 @@ class SMTPProtocol(AiosmtpdSMTP):
         self._eof = False  # the client's end of stream was seen
         self._aborted = False  # we cut the session: process nothing more
         self._counted = False  # this connection is in server.connections
+        self._keys: list[str] = []  # and counted under these keys (session.count_concurrent)
+        self._rx_octets = 0  # received on this connection so far
+        self._rate_from: tuple[float, int] | None = None  # see _start_data_rate
         self._plain = not tls_listener  # no TLS layer (yet) between the socket and us
         self._handler_task: asyncio.Task | None = None
         self._out: list[bytes] = []  # replies not yet handed to the transport (see _flush)
@@ -140,12 +145,14 @@ class SMTPProtocol(AiosmtpdSMTP):
             tls=self.tls_listener,
             connections=self.server.connections,
         )
+        self.session._count_concurrent = self._count_concurrent
         self._last_rx = self._last_reply = self.loop.time()
         self.session.state_backend = self.server.state
         self._handler_task = self.loop.create_task(self._handle_client())
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = self.loop.time()
+        self._rx_octets += len(data)
         asyncio.StreamReaderProtocol.data_received(self, data)
         if self._phase == IDLE and "command" in self.session.timeouts:
             self._arm()  # a partial command line now runs on the command timer
@@ -194,6 +201,17 @@ class SMTPProtocol(AiosmtpdSMTP):
         if self._counted:
             self._counted = False
             self.server.connection_closed(self)
+            for key in self._keys:
+                self.server.key_counts.remove(key)
+            self._keys.clear()
+
+    def _count_concurrent(self, key: str) -> int:
+        counts = self.server.key_counts
+        # Not once released (the client is gone): that count would never be taken back.
+        if self._counted and counts.add(key):
+            self._keys.append(key)
+            return counts.total(key)
+        return counts.total(key) + 1
 
     # --- timers: the core owns the clock, plugins set the durations ---------------------------
 
@@ -217,9 +235,23 @@ class SMTPProtocol(AiosmtpdSMTP):
         else:
             return None
         seconds = self.session.timeouts.get(kind)
-        if seconds is None:
-            return None
-        return kind, max(self._last_reply, self._last_rx) + seconds
+        due = None if seconds is None else max(self._last_reply, self._last_rx) + seconds
+        rate = self.session.min_data_rate
+        if kind == "command" and rate and self._rate_from is not None:
+            started, octets = self._rate_from
+            # when what arrived since the start falls below rate * (t - grace)
+            behind = started + rate[1] + (self._rx_octets - octets) / rate[0]
+            if due is None or behind < due:
+                return "data rate", behind
+        return None if due is None else (kind, due)
+
+    def _start_data_rate(self) -> None:
+        """A DATA body (later also a BDAT chunk) starts: from now on it runs on the minimum data
+        rate too, if one is set (session.set_min_data_rate), until _stop_data_rate."""
+        self._rate_from = (self.loop.time(), self._rx_octets - len(self._reader._buffer))
+
+    def _stop_data_rate(self) -> None:
+        self._rate_from = None
 
     def _arm(self) -> None:
         self._cancel_timer()
@@ -237,7 +269,8 @@ class SMTPProtocol(AiosmtpdSMTP):
             self._timer = self.loop.call_at(when, self._on_timer)
             return
         text = "Session timeout" if kind == "idle" else "Command timeout"
-        log.info("session %s %s: %s", self.session.id, self.session.peer_ip, text.lower())
+        log.info("session %s %s: %s%s", self.session.id, self.session.peer_ip, text.lower(),
+                 " (data rate)" if kind == "data rate" else "")
         if self.transport.get_write_buffer_size() or not (self._plain or self.session.tls):
             # It has not even taken our earlier replies, or it is stuck in the TLS handshake
             # after STARTTLS: a 421 could not reach it.
@@ -346,6 +379,7 @@ class SMTPProtocol(AiosmtpdSMTP):
 
     async def _greet(self) -> bool:
         session = self.session
+        await self.hooks.collect("connection_opened", session=session)
         reply, plugin = await self.hooks.decide("on_connect", session=session)
         if reply is None:
             text, _ = await self.hooks.first("greeting", session=session)
@@ -437,7 +471,7 @@ class SMTPProtocol(AiosmtpdSMTP):
             return
         reply, plugin = await self.hooks.decide("on_helo", session=session, verb=verb,
                                                 hostname=arg)
-        if reply is not None:
+        if reply is not None and not reply.is_positive:  # vouched: the core still greets
             await self.send(reply, plugin)
             return
         auth_user = session.auth_user
@@ -491,11 +525,11 @@ class SMTPProtocol(AiosmtpdSMTP):
         transaction = Transaction(address, params, param_error=error)
         reply, plugin = await self.hooks.decide("on_mail_from", session=session,
                                                 transaction=transaction)
-        if reply is not None:
+        if reply is not None and not reply.is_positive:
             await self.send(reply, plugin)
             return
         session.transaction = transaction
-        await self.send(Reply(250, "2.1.0", "Sender OK"))
+        await self.send(reply or R_SENDER_OK, plugin or "core")
 
     async def cmd_rcpt(self, arg: str) -> None:
         session = self.session
@@ -524,11 +558,11 @@ class SMTPProtocol(AiosmtpdSMTP):
                               param_error=error)
         reply, plugin = await self.hooks.decide("on_rcpt", session=session,
                                                 transaction=transaction, recipient=recipient)
-        if reply is not None:
+        if reply is not None and not reply.is_positive:
             await self.send(reply, plugin)
             return
         transaction.recipients.append(recipient)
-        await self.send(Reply(250, "2.1.5", "Recipient OK"))
+        await self.send(reply or R_RECIPIENT_OK, plugin or "core")
 
     async def cmd_data(self, arg: str) -> None:
         session = self.session
@@ -546,12 +580,15 @@ class SMTPProtocol(AiosmtpdSMTP):
         self._last_reply = self.loop.time()
         message = Message(self.server.spool_dir(self.config), transaction.data_limit)
         try:
+            self._start_data_rate()
             complete = await self._receive(message)
+            self._stop_data_rate()
             session.transaction = None
             if not complete or self._aborted:
                 return  # an incomplete message is never delivered
             await self._finish_message(transaction, message)
         finally:
+            self._stop_data_rate()
             message.close()
 
     async def _receive(self, message: Message) -> bool:
@@ -593,10 +630,15 @@ class SMTPProtocol(AiosmtpdSMTP):
     async def _finish_message(self, transaction: Transaction, message: Message) -> None:
         session = self.session
         self._set_phase(BUSY)
-        reply, plugin = await self.hooks.decide("on_data", session=session,
-                                                transaction=transaction, message=message)
-        if reply is not None:
-            await self.send(reply, plugin)
+        if message.failed is not None and not message.oversized:  # disk full, permission
+            log.error("queue id %s: spooling the message failed: %s", transaction.id,
+                      message.failed)
+            await self.send(Reply(451, "4.3.0", "Local storage error, try again later"))
+            return
+        vouched, voucher = await self.hooks.decide("on_data", session=session,
+                                                   transaction=transaction, message=message)
+        if vouched is not None and not vouched.is_positive:
+            await self.send(vouched, voucher)
             return
         if message.oversized:  # the size plugin set a limit and did not answer: still refuse
             await self.send(Reply(552, "5.3.4", "Message size exceeds fixed limit"))
@@ -621,7 +663,9 @@ class SMTPProtocol(AiosmtpdSMTP):
             transaction.id, session.peer_ip, transaction.mail_from,
             ",".join(f"<{r.address}>" for r in transaction.recipients), message.size,
         )
-        await self.send(Reply(250, "2.0.0", f"OK: queued as {transaction.id}"))
+        # A plugin's positive answer to the message is sent only now, once it is stored.
+        await self.send(vouched or Reply(250, "2.0.0", f"OK: queued as {transaction.id}"),
+                        voucher or "core")
         self._flush()  # the client need not wait for what plugins do after delivery
         await self.hooks.collect("after_delivery", session=session, transaction=transaction,
                                  message=message, delivered=result)
@@ -737,7 +781,7 @@ class SMTPProtocol(AiosmtpdSMTP):
             await self.send(Reply(504, "5.5.4", "Unrecognized authentication type"))
             return
         reply, plugin = await self.hooks.decide("on_auth", session=session, mechanism=name)
-        if reply is not None:
+        if reply is not None and not reply.is_positive:  # vouched: the exchange still runs
             await self.send(reply, plugin)
             return
         try:
@@ -798,3 +842,8 @@ class _Exchange:
         if line == b"\0too-long":
             raise AuthSyntaxError()
         return p._b64(line.decode("ascii", "replace").strip())
+
+    @property
+    def closed(self) -> bool:
+        transport = self._protocol.transport
+        return transport is None or transport.is_closing()

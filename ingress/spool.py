@@ -3,7 +3,9 @@
 Plugins may import :class:`Message` for type hints. The core writes the unstuffed DATA bytes with
 :meth:`Message.write` as they arrive; past :data:`MEMORY_LIMIT` they go to a temporary file in the
 spool folder (on the queue's disk, never a RAM file system). Past ``data_limit`` nothing more is
-kept at all: the message is marked ``oversized`` and only counted.
+kept at all: the message is marked ``oversized`` and only counted. A write that fails (disk
+full, permission) drops what was kept and sets ``failed``; the rest is only counted, and the core
+answers ``451 4.3.0`` after the final dot.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ MEMORY_LIMIT = 1 << 20  # bytes kept in memory before spilling to disk
 HEADER_LIMIT = 1 << 20  # bytes of header block parsed by headers()
 
 
+def _write_all(file: BinaryIO, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[file.write(view):]
+
+
 class Message:
     def __init__(self, spool_dir: Path, data_limit: int | None):
         self._spool_dir = spool_dir
@@ -27,6 +35,7 @@ class Message:
         self._path: str | None = None
         self.size = 0  # bytes received (after dot-unstuffing), kept or not
         self.oversized = False
+        self.failed: OSError | None = None  # storing failed: nothing is kept
         self._headers: list[tuple[str, str]] | None = None
 
     # --- writing (the core) ----------------------------------------------------------------
@@ -39,19 +48,26 @@ class Message:
             self.oversized = True
             self.discard()
             return
-        if self._file is not None:
-            self._file.write(data)
+        if self.failed:
             return
-        self._buffer += data
-        if len(self._buffer) > MEMORY_LIMIT:
-            self._spill()
+        try:
+            if self._file is not None:
+                _write_all(self._file, data)
+                return
+            self._buffer += data
+            if len(self._buffer) > MEMORY_LIMIT:
+                self._spill()
+        except OSError as exc:
+            self.failed = exc
+            self.discard()
 
     def _spill(self) -> None:
         self._spool_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix="data-", dir=self._spool_dir)
         self._path = name  # removed by discard(); the server empties the folder at start
-        self._file = os.fdopen(fd, "w+b")
-        self._file.write(self._buffer)
+        # Unbuffered: a full disk shows in write(), never later in a flush or close.
+        self._file = os.fdopen(fd, "w+b", buffering=0)
+        _write_all(self._file, self._buffer)
         self._buffer = bytearray()
 
     def discard(self) -> None:
@@ -60,7 +76,10 @@ class Message:
         if self._file is not None:
             self._file.close()
             self._file = None
-            os.unlink(self._path)
+            try:
+                os.unlink(self._path)
+            except FileNotFoundError:
+                pass
 
     close = discard
 
@@ -78,7 +97,6 @@ class Message:
         """A new binary reader positioned at the start of the message."""
         if self._file is None:
             return io.BytesIO(self._buffer)
-        self._file.flush()
         return open(self._path, "rb")  # noqa: SIM115 - the caller closes it
 
     def chunks(self, size: int = 1 << 16):

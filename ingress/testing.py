@@ -31,7 +31,8 @@ also takes plugin objects that are not installed anywhere (``plugins={"name": ob
 object replaces an installed plugin of the same name for that server, so a plugin's own tests can
 hand it a fake clock or resolver. Its log records go through :mod:`logging` (use ``caplog``).
 
-``SMTPRaw`` is a byte-level client for rude and slow clients.
+``SMTPRaw`` is a byte-level client for rude and slow clients; :class:`HAProxy` runs a real HAProxy
+in front of a server; ``small_filesystem`` mounts a small file system for disk-full tests.
 """
 
 from __future__ import annotations
@@ -91,6 +92,96 @@ def eventually(predicate, timeout: float = 20.0, what: str = "condition") -> Non
     raise AssertionError(f"timed out waiting for {what}")
 
 
+class HAProxy:
+    """A real HAProxy (``/usr/sbin/haproxy``, TCP mode) on a free port of 127.0.0.1 in front of
+    *backends* (``(host, port)``), with *server_options* on each server line (``send-proxy``,
+    ``send-proxy-v2``, ``""`` for plain TCP proxying, ``check``...) and *backend_lines* (e.g.
+    ``option smtpchk``). Started in the foreground by :meth:`start`, stopped by its PID::
+
+        with HAProxy(tmp_path, [(server.host, server.port)], "send-proxy-v2") as proxy:
+            with proxy.raw(source="127.0.0.2") as client:
+                assert "127.0.0.2" in client.reply()[1]  # a banner with #ConnectedIP#
+    """
+
+    BINARY = "/usr/sbin/haproxy"
+
+    def __init__(self, workdir: Path, backends: list[tuple[str, int]], server_options: str = "",
+                 backend_lines: tuple[str, ...] = ()):
+        self.workdir = Path(workdir)
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.config_path = self.workdir / "haproxy.cfg"
+        self.log_path = self.workdir / "haproxy.log"
+        servers = [f"    server n{i} {h}:{p} {server_options}" for i, (h, p) in
+                   enumerate(backends)]
+        self.config_text = "\n".join([
+            "global", "    maxconn 4096",
+            "defaults", "    mode tcp", "    timeout connect 5s", "    timeout client 60s",
+            "    timeout server 60s",
+            "frontend smtp", f"    bind {self.host}:{self.port}", "    default_backend nodes",
+            "backend nodes", "    balance roundrobin", *(f"    {x}" for x in backend_lines),
+            *servers, ""])
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> HAProxy:
+        """Start it; in a test without HAProxy installed: skip (fail when ``CI`` is set)."""
+        if not os.path.exists(self.BINARY):
+            (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{self.BINARY} is missing")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config_text)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen([self.BINARY, "-db", "-f", str(self.config_path)],
+                                            stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"haproxy exited ({self.process.returncode}):\n"
+                                   + self.log_path.read_text(errors="replace"))
+            if self._listening():
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("haproxy did not start listening")
+            time.sleep(0.05)
+
+    def _listening(self) -> bool:
+        # Probing by binding, not connecting: a probe connection would reach the backends.
+        with socket.socket() as sock:
+            try:
+                sock.bind((self.host, self.port))
+            except OSError:
+                return True
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def raw(self, source: str = "127.0.0.1") -> SMTPRaw:
+        """A byte-level client connected to HAProxy from the local address *source* (any
+        127.x.y.z), so that the server behind can tell it from HAProxy's own address."""
+        return SMTPRaw(self.host, self.port, source=source)
+
+    def __enter__(self) -> HAProxy:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port of *host* that nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 class RunningServer:
     """A started server: where it listens and where it stores mail."""
 
@@ -124,8 +215,10 @@ class RunningServer:
         kwargs.setdefault("timeout", 10)
         return smtplib.SMTP(self.host, self.port, **kwargs)
 
-    def raw(self, port: int | None = None) -> SMTPRaw:
-        return SMTPRaw(self.host, port or self.port)
+    def raw(self, port: int | None = None, source: str | None = None) -> SMTPRaw:
+        """An :class:`SMTPRaw` connected to the first plain listener (or *port*), from the
+        local address *source* if given (say ``127.0.0.2``, another client address)."""
+        return SMTPRaw(self.host, port or self.port, source=source)
 
     def mailbox(self, address: str) -> list[bytes]:
         """The messages in the Maildir ``new/`` of *address*, oldest first."""
@@ -351,11 +444,34 @@ def ingress_inprocess_server(tmp_path):
         server.stop()
 
 
+@pytest.fixture
+def small_filesystem():
+    """Factory: ``small_filesystem(path, kib)`` mounts a RAM file system of *kib* KiB on *path*
+    (made if missing) for disk-full tests, and unmounts it after the test. Needs root (the test
+    is skipped without). Request it before the server fixture, so the server stops first."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, kib: int) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
 class SMTPRaw:
     """A byte-level SMTP client for tests of rude, slow and malformed clients."""
 
-    def __init__(self, host: str, port: int, timeout: float = 10):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host: str, port: int, timeout: float = 10, source: str | None = None):
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self._buffer = b""
 
     def send(self, data: bytes | str) -> None:
@@ -412,13 +528,6 @@ class SMTPRaw:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RedisServer:

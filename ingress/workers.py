@@ -14,8 +14,9 @@ kernel spreads new connections over them. The parent only supervises:
   A worker whose parent is gone drains and exits.
 
 Limits stay global: each worker writes its number of open connections into its slot of a shared
-array, and ``Server.connections`` is the sum. Metrics: prometheus_client multiprocess mode, with
-worker 0 serving ``/metrics`` for all.
+array, and ``Server.connections`` is the sum; likewise its connections per key
+(``session.count_concurrent``) into its region of a shared table (:mod:`ingress.keycounts`).
+Metrics: prometheus_client multiprocess mode, with worker 0 serving ``/metrics`` for all.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from ingress import config as config_mod
 from ingress.errors import IngressError
+from ingress.keycounts import clear_region, shared_table
 
 log = logging.getLogger("ingress.workers")
 
@@ -96,6 +98,7 @@ class Supervisor:
         self.count = cfg.server["workers"]
         self.context = multiprocessing.get_context("fork")
         self.open_connections = self.context.RawArray("q", self.count)
+        self.key_table = shared_table(self.context, self.count)
         self.processes: list = [None] * self.count
         self.started_at = [0.0] * self.count
         self.failed_starts = 0
@@ -123,10 +126,11 @@ class Supervisor:
         from ingress.server import Worker
 
         return Worker(slot, self.listen, self.listen_tls, self.metrics_listen if slot == 0 else "",
-                      self.open_connections, self.alive_r)
+                      self.open_connections, self.alive_r, self.key_table)
 
     def start(self, slot: int) -> None:
         self.open_connections[slot] = 0
+        clear_region(self.key_table, slot)
         worker = self._worker(slot)
         process = self.context.Process(target=self._child, args=(slot, self.cfg, worker),
                                        name=f"ingress-worker-{slot}")
@@ -172,6 +176,7 @@ class Supervisor:
         process.join()
         self.processes[slot] = None
         self.open_connections[slot] = 0
+        clear_region(self.key_table, slot)
         if self.metrics_dir:
             from prometheus_client import multiprocess
 

@@ -2,7 +2,8 @@
 
 A partial command line, the DATA body after 354 (even before its first byte) and an AUTH
 response after 334 run on this timer; the core restarts it on every byte received, so data that
-keeps flowing is never cut. This plugin only sets the duration.
+keeps flowing is never cut. This plugin only sets the duration, and with ``min_data_rate`` the
+rate a DATA body must keep up after a grace of ``seconds`` (the core applies it).
 """
 
 from __future__ import annotations
@@ -19,3 +20,4 @@ def config_schema():
 @hookimpl
 def on_connect(session, settings):
     session.set_timeout("command", settings["seconds"])
+    session.set_min_data_rate(settings["min_data_rate"], grace=settings["seconds"])

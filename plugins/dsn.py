@@ -18,7 +18,13 @@ from email.utils import format_datetime, formatdate
 
 import ingress_schemas
 from ingress import Reply, hookimpl
-from ingress.delivery import Generated, store_generated, trace_headers
+from ingress.delivery import (
+    Generated,
+    may_create_mailbox,
+    may_relay,
+    store_generated,
+    trace_headers,
+)
 from ingress.session import new_id
 
 log = logging.getLogger("ingress.dsn")
@@ -145,12 +151,29 @@ def after_delivery(session, transaction, message, settings):
         return
     sender = transaction.mail_from
     directory = session.directory
-    if directory.is_local_address(sender) and not directory.mailbox_exists(sender):
-        log.info("queue id %s: no success DSN: sender <%s> has no mailbox", transaction.id,
-                 sender)
+    if directory.is_local_address(sender):
+        if not directory.mailbox_exists(sender):
+            log.info("queue id %s: no success DSN: sender <%s> has no mailbox", transaction.id,
+                     sender)
+            return
+        if not may_create_mailbox(session, transaction, sender):
+            log.info("queue id %s: no success DSN: sender <%s> would be a mailbox over the "
+                     "catch-all limit", transaction.id, sender)
+            return
+        report = success_report(session, transaction, message, recipients)
+        return store_report(session, transaction, sender, report)  # awaited by the core
+    return report_if_relay_allowed(session, transaction, message, recipients, sender)
+
+
+async def report_if_relay_allowed(session, transaction, message, recipients, sender: str):
+    """An outside sender gets a report only if the session may relay to it (whoever may not
+    could otherwise forge MAIL FROM and have us mail the message to a victim: backscatter)."""
+    if not await may_relay(session, transaction, sender):
+        log.info("queue id %s: no success DSN: this session may not relay to sender <%s>",
+                 transaction.id, sender)
         return
-    report = success_report(session, transaction, message, recipients)
-    return store_report(session, transaction, sender, report)  # awaited by the core
+    await store_report(session, transaction, sender,
+                       success_report(session, transaction, message, recipients))
 
 
 async def store_report(session, transaction, sender: str, report) -> None:

@@ -3,7 +3,8 @@
 A recipient in a local domain is never a relay. Any other recipient is accepted when the client IP
 is in ``whitelist``, or the session is authenticated and ``authenticated`` is true, or ``allow``
 permits the sender (``anyone``; ``local_domains``: MAIL FROM in a local domain; ``local_users``:
-MAIL FROM is an existing local user). Otherwise ``550 5.7.1 Relaying denied``.
+MAIL FROM is an existing local user). Otherwise ``550 5.7.1 Relaying denied``. The same rules
+answer the ``may_relay`` hook (may this session have mail sent to an address of its choosing).
 
 Other plugins may import :func:`per_domain_statistics` (metrics leave out per-domain series when
 ``allow`` is ``anyone``) and :func:`relay_reason`.
@@ -11,18 +12,14 @@ Other plugins may import :func:`per_domain_statistics` (metrics leave out per-do
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import logging
 
 import ingress_schemas
-from ingress import Reply, hookimpl
+from ingress import Reply, hookimpl, ipnets
 
 log = logging.getLogger("ingress.relay")
 
 DENIED = Reply(550, "5.7.1", "Relaying denied")
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @hookimpl
@@ -30,20 +27,8 @@ def config_schema():
     return ingress_schemas.load("relay")
 
 
-@functools.lru_cache(maxsize=64)
-def networks(whitelist: tuple[str, ...]) -> tuple[IPNetwork, ...]:
-    """The whitelist parsed once per distinct list (host bits allowed: 10.1.2.3/8 is 10/8)."""
-    return tuple(ipaddress.ip_network(entry, strict=False) for entry in whitelist)
-
-
 def whitelisted(peer_ip: str, whitelist: list[str]) -> bool:
-    try:
-        ip = ipaddress.ip_address(peer_ip.partition("%")[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d
-    return any(ip.version == net.version and ip in net for net in networks(tuple(whitelist)))
+    return ipnets.matches(peer_ip, whitelist)
 
 
 def relay_reason(session, transaction, settings) -> str | None:
@@ -69,6 +54,15 @@ def per_domain_statistics(config) -> bool:
     """Whether per-domain statistics are kept: not with an open relay (``allow = "anyone"``)."""
     settings = config.plugin_settings("relay") or {}
     return settings.get("allow", "nobody") != "anyone"
+
+
+@hookimpl
+def may_relay(session, transaction, address, settings) -> bool:
+    """The same rules as for a recipient: a local address always, any other when
+    :func:`relay_reason` gives a reason."""
+    if session.directory.is_local_address(address):
+        return True
+    return relay_reason(session, transaction, settings) is not None
 
 
 @hookimpl

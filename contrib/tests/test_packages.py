@@ -19,6 +19,7 @@ CONTRIB = {  # distribution: (plugin name, module)
     "ingress-dnsbl": ("dnsbl", "ingress_dnsbl"),
     "ingress-greylist": ("greylist", "ingress_greylist"),
     "ingress-hello-policy": ("hello_policy", "hello_policy"),
+    "ingress-amqp": ("amqp", "ingress_amqp"),
 }
 
 
@@ -46,7 +47,7 @@ def test_entry_point_and_schema_are_installed(dist):
 
 
 @pytest.mark.parametrize("module_name", ["ingress_ratelimit", "ingress_dnsbl",
-                                         "ingress_greylist"])
+                                         "ingress_greylist", "ingress_amqp"])
 def test_plugins_are_tested_as_installed_not_from_the_source_tree(module_name):
     path = Path(importlib.import_module(module_name).__file__).resolve()
     assert "site-packages" in path.parts, path

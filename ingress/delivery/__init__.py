@@ -1,11 +1,14 @@
 """The builtin delivery backend: local Maildir and the relay queue. Registered as plugin
 ``delivery``; another backend replaces it by answering the ``deliver`` hook first.
 
-Plugins may import :class:`Delivered`. Durability: a message is written to ``tmp/``, fsynced,
-linked into each mailbox's ``new/``, and every touched directory is fsynced before ``deliver``
-returns; the queue's ``.eml`` and ``.json`` are both fsynced, the ``.json`` renamed into place last
-(its presence marks a complete entry). Any failure removes what was written and answers
-``451 4.3.0``, so nothing half-written remains and the client retries.
+Plugins may import :class:`Delivered`, :func:`may_relay`, :func:`may_create_mailbox`,
+:func:`store_generated` and :class:`Generated`.
+
+Durability: a message is written to ``tmp/``, fsynced, linked into each mailbox's ``new/``, and
+every touched directory is fsynced before ``deliver`` returns; the queue's ``.eml`` and ``.json``
+are both fsynced, the ``.json`` renamed into place last (its presence marks a complete entry). Any
+failure removes what was written and answers ``451 4.3.0``, so nothing half-written remains and
+the client retries.
 """
 
 from __future__ import annotations
@@ -47,6 +50,75 @@ def plan(session, transaction) -> tuple[list[tuple[str, str]], list]:
             else:
                 relay.append(type(rcpt)(member, dict(rcpt.params), False))
     return list(mailboxes), relay
+
+
+def expand(session, transaction) -> list[Recipient]:
+    """Every final recipient: aliases and lists replaced by their members (each with the
+    parameters of the RCPT that named it), local mailboxes once each; ``local`` tells whether it
+    is a local mailbox."""
+    directory = session.directory
+    seen: set[tuple[str, str]] = set()
+    final = []
+    for rcpt in transaction.recipients:
+        members = directory.expand(rcpt.address) if rcpt.local else [rcpt.address]
+        for member in members:
+            local = directory.is_local_address(member)
+            if local:
+                part, domain = directory.split(member)
+                if (domain, part.lower()) in seen:
+                    continue
+                seen.add((domain, part.lower()))
+            final.append(Recipient(member, dict(rcpt.params), local))
+    return final
+
+
+def envelope_text(session, transaction, recipients) -> str:
+    """The envelope of a message for *recipients*: exactly the text the relay queue writes to
+    ``<id>.json`` (schema: ``schemas/envelope.json``). For delivery backends."""
+    return queue.dumps(queue.envelope(session, transaction, recipients))
+
+
+def store_mailboxes(session, transaction, message, mailboxes) -> list[str]:
+    """Blocking: write the message into the local *mailboxes* (``(domain, local part)`` as
+    :func:`plan` gives them), durably; return the files written (nothing is left on failure)."""
+    if not mailboxes:
+        return []
+    config = session.config
+    return maildir.deliver(Path(config.data["delivery"]["maildir"]), mailboxes,
+                           trace_headers(transaction, True), message, config.hostname)
+
+
+def remove(paths) -> None:
+    """Blocking: remove files a delivery wrote (undo), ignoring those already gone."""
+    maildir.remove_quietly(paths)
+
+
+async def may_relay(session, transaction, address: str) -> bool:
+    """Whether *session* may have mail sent to *address*: the first answer of the ``may_relay``
+    hook; no answer, or a failing plugin, is no. For plugins that write mail of their own to an
+    address the client chose."""
+    allowed, _ = await session.config.hooks.first("may_relay", session=session,
+                                                  transaction=transaction, address=address)
+    return allowed is True
+
+
+_mailbox_cap = maildir.MailboxCap()
+
+
+def may_create_mailbox(session, transaction, address: str) -> bool:
+    """Whether mail for the local *address* may be stored: always for a user, alias or list or
+    a mailbox whose folder exists; for a name that exists only through a catch-all domain, only
+    while the domain's folder has fewer than ``catch_all_max_mailboxes`` mailboxes (counting
+    names that live transactions of this process already hold). A name it admits is held until
+    *transaction* is gone. Called on the event loop."""
+    directory = session.directory
+    local, domain = directory.split(address)
+    settings = directory.domain_settings(domain)
+    if not settings.catch_all or directory.is_configured(address):
+        return True
+    folder = Path(session.config.data["delivery"]["maildir"]) / domain
+    return _mailbox_cap.admit(folder, local.lower(), settings.catch_all_max_mailboxes,
+                              transaction)
 
 
 def trace_headers(transaction, return_path: bool) -> bytes:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import collections
+import errno
 import itertools
 import os
 import re
 import threading
 import time
+import weakref
 from pathlib import Path
+
+from ingress.directory import Directory
 
 _counter = itertools.count(1)
 _created: set[Path] = set()  # mailboxes known to exist with tmp/new/cur
@@ -107,6 +112,70 @@ def ensure_maildir(box: Path) -> None:
     _created.add(box)
 
 
+class MailboxCap:
+    """How many mailbox folders a domain folder has, and admission of new ones under a cap.
+
+    The count is what is on disk (so it holds across worker processes and restarts), listed
+    again only when the folder's modification time changed since the last listing: a RCPT to a
+    known mailbox costs one ``stat``. A listing is cached only once the folder's time is
+    :data:`SETTLED` seconds old, since two changes within one tick of the file system's clock
+    leave the same time. New names accepted at RCPT but not yet delivered are held per process
+    until their transaction is gone, so concurrent sessions cannot all take the last place.
+    """
+
+    SETTLED = 2.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._listed: dict[Path, tuple[int, int, int]] = {}  # folder -> (inode, mtime_ns, count)
+        self._held: dict[Path, dict[str, int]] = {}  # folder -> {local part: holders}
+        # Finalizers run whenever the garbage goes, in any thread, even inside admit(): they
+        # only queue the release (deque.append is atomic); admit() applies it.
+        self._released: collections.deque[tuple[Path, str]] = collections.deque()
+
+    def on_disk(self, folder: Path) -> int:
+        """Sub-folders of *folder* (0 when it does not exist)."""
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError:
+            return 0
+        key = (st.st_ino, st.st_mtime_ns)
+        cached = self._listed.get(folder)
+        if cached is not None and cached[:2] == key:
+            return cached[2]
+        with os.scandir(folder) as entries:
+            count = sum(1 for e in entries if e.is_dir(follow_symlinks=False))
+        if time.time() - st.st_mtime > self.SETTLED:
+            self._listed[folder] = (*key, count)
+        else:
+            self._listed.pop(folder, None)
+        return count
+
+    def admit(self, folder: Path, name: str, cap: int, holder: object) -> bool:
+        """Whether mail for *name* may go to ``folder/name``: yes when that mailbox exists,
+        else only if the folders on disk plus the names held by live transactions stay within
+        *cap*; then *name* is held until *holder* (the transaction) is garbage."""
+        if os.path.isdir(folder / name):
+            return True
+        with self._lock:
+            while self._released:
+                self._release(*self._released.popleft())
+            held = self._held.setdefault(folder, {})
+            if name not in held and self.on_disk(folder) + len(held) >= cap:
+                return False
+            held[name] = held.get(name, 0) + 1
+        weakref.finalize(holder, self._released.append, (folder, name))
+        return True
+
+    def _release(self, folder: Path, name: str) -> None:
+        held = self._held[folder]
+        held[name] -= 1
+        if not held[name]:
+            del held[name]
+        if not held:
+            del self._held[folder]
+
+
 def unique_name(hostname: str) -> str:
     now = time.time_ns()
     host = hostname.replace("/", "\\057").replace(":", "\\072")
@@ -151,11 +220,20 @@ def remove_quietly(paths) -> None:
             pass
 
 
+def mailbox_path(root: Path, domain: str, local: str) -> Path:
+    """``root/domain/local``, refusing (``PermissionError``) any name that would leave *root* or
+    nest folders, whatever the directory let through: defence in depth."""
+    if (not Directory.is_safe_local_part(local) or not domain or domain.startswith(".")
+            or any(c in domain for c in "/\\\0")):
+        raise PermissionError(errno.EPERM, f"unsafe mailbox name {local!r} in {domain!r}")
+    return root / domain / local
+
+
 def deliver(root: Path, mailboxes: list[tuple[str, str]], header: bytes, message,
             hostname: str) -> list[str]:
     """Write one copy into the first mailbox's ``tmp/``, hard-link it into the other mailboxes'
     ``new/``, rename it into the first one's ``new/``; return the final paths."""
-    boxes = [root / domain / local for domain, local in mailboxes]
+    boxes = [mailbox_path(root, domain, local) for domain, local in mailboxes]
     for box in boxes:
         ensure_maildir(box)
     try:
@@ -187,3 +265,38 @@ def deliver_into(boxes: list[Path], header: bytes, message, hostname: str) -> li
         remove_quietly([*finals, tmp])
         raise
     return finals
+
+
+TMP_MAX_AGE = 36 * 3600  # seconds: a tmp/ file older than this is a crash's leftover
+
+
+def sweep_tmp(root: Path, max_age: float = TMP_MAX_AGE) -> int:
+    """Remove the files in ``root/<domain>/<local>/tmp/`` last modified more than *max_age*
+    seconds ago (what a crash left there; no delivery takes that long, so it never races a
+    writer, in this process or another). Return how many were removed. Symbolic links are never
+    followed; unreadable folders are skipped."""
+    cutoff = time.time() - max_age
+    removed = 0
+    for domain in _subfolders(root):
+        for box in _subfolders(Path(domain.path)):
+            try:
+                entries = list(os.scandir(os.path.join(box.path, "tmp")))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    if (entry.is_file(follow_symlinks=False)
+                            and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+                        os.unlink(entry.path)
+                        removed += 1
+                except OSError:
+                    continue
+    return removed
+
+
+def _subfolders(path: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as entries:
+            return [e for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []

@@ -11,10 +11,10 @@ from ingress.delivery.maildir import remove_quietly, sync_dir, write_file
 
 
 def envelope(session, transaction, recipients, generated: bool = False) -> dict:
-    """The ``.json`` of a queue entry. ``mail_params`` and each recipient's ``params`` are the
-    MAIL/RCPT parameters as the client gave them (keys upper-cased; values raw, xtext still
-    encoded, as a relay passes them on), see docs/plugins/dsn.md. *generated*: written by this
-    server (a DSN): there is no client."""
+    """The ``.json`` of a queue entry (described by schemas/envelope.json). ``mail_params`` and
+    each recipient's ``params`` are the MAIL/RCPT parameters as the client gave them (keys
+    upper-cased; values raw, xtext still encoded, as a relay passes them on), see
+    docs/plugins/dsn.md. *generated*: written by this server (a DSN): there is no client."""
     client = not generated
     return {
         "id": transaction.id,
@@ -29,7 +29,13 @@ def envelope(session, transaction, recipients, generated: bool = False) -> dict:
         "generated": generated,
         "received_at": datetime.fromtimestamp(transaction.started, timezone.utc).isoformat(),
         "queued_at": datetime.now(timezone.utc).isoformat(),
+        "smtputf8": "SMTPUTF8" in transaction.mail_params,
     }
+
+
+def dumps(env: dict) -> str:
+    """The exact text of ``<id>.json`` (also what other delivery backends pass on)."""
+    return json.dumps(env, indent=1, sort_keys=True)
 
 
 def enqueue(root: Path, queue_id: str, header: bytes, message, env: dict) -> list[str]:
@@ -42,7 +48,7 @@ def enqueue(root: Path, queue_id: str, header: bytes, message, env: dict) -> lis
         write_file(eml_tmp, header, message)
         fd = os.open(json_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, json.dumps(env, indent=1, sort_keys=True).encode())
+            os.write(fd, dumps(env).encode())
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -55,3 +61,22 @@ def enqueue(root: Path, queue_id: str, header: bytes, message, env: dict) -> lis
         remove_quietly(done + [str(eml_tmp), str(json_tmp)])
         raise
     return done
+
+
+def remove_leftovers(root: Path) -> tuple[int, int]:
+    """At start, before serving: remove the files in ``root/tmp/`` (entries being written when
+    the server stopped) and every ``<id>.eml`` without its ``<id>.json`` (a crash between the two
+    renames; never acknowledged). Return both counts."""
+    temporary = incomplete = 0
+    tmpdir = root / "tmp"
+    if tmpdir.is_dir():
+        for path in tmpdir.iterdir():
+            if not path.is_dir():
+                path.unlink(missing_ok=True)
+                temporary += 1
+    if root.is_dir():
+        for eml in root.glob("*.eml"):
+            if not eml.with_suffix(".json").exists():
+                eml.unlink(missing_ok=True)
+                incomplete += 1
+    return temporary, incomplete

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import need
 
 RUN = Path(__file__).resolve().parents[2] / "bench" / "run.py"
@@ -15,7 +16,8 @@ def test_harness_runs_every_server_and_client_on_a_tiny_load(tmp_path):
     need("smtp-source")
     need("smtp-sink")
     done = subprocess.run(
-        [sys.executable, str(RUN), "--quick", "--sizes", "2048", "--sessions", "2",
+        [sys.executable, str(RUN), "--quick", "--servers", "ingress,ingress-2w,baseline,sink",
+         "--sizes", "2048", "--sessions", "2",
          "--messages", "6", "--repeat", "1", "--big-mb", "1", "--workdir", str(tmp_path),
          "--json", str(tmp_path / "results.json")],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
@@ -34,3 +36,23 @@ def test_harness_runs_every_server_and_client_on_a_tiny_load(tmp_path):
     assert any(line.startswith("| ingress |") and "| ok |" in line for line in table)
     assert (tmp_path / "results.json").stat().st_size > 0
     assert list(tmp_path.iterdir()) == [tmp_path / "results.json"], "work folders removed"
+
+
+@pytest.mark.heavy
+def test_harness_runs_haraka_beside_ingress(tmp_path):
+    """Haraka is installed from npm on first use (heavy: a download and a Node.js start)."""
+    need("smtp-source")
+    done = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--servers", "ingress,haraka,haraka-2n",
+         "--clients", "smtp-source", "--sizes", "2048", "--sessions", "2", "--modes", "many",
+         "--messages", "20", "--big-mb", "0", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=1200, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {line.split(" | ")[2]: line for line in done.stdout.splitlines()
+            if line.startswith("| smtp-source | 2KB n/conn x2 |")}
+    assert set(rows) == {"ingress", "haraka", "haraka-2n"}, done.stdout
+    for server in ("haraka", "haraka-2n"):
+        assert "| 20 | 0 | - |" in rows[server], rows[server]  # all acknowledged, none stored
+    cpu_vs_haraka = rows["ingress"].split(" | ")[-2]
+    assert float(cpu_vs_haraka) > 0, rows["ingress"]

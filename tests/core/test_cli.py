@@ -62,7 +62,7 @@ def test_unparsable_file(tmp_path):
     path = write(tmp_path, "[server\nhostname=")
     result = ingress("check-config", str(path))
     assert result.returncode == 2
-    assert result.stderr.startswith(f"{path}: cannot parse")
+    assert result.stderr.startswith(f"{path}: : cannot parse")  # "": the whole file
     assert "Traceback" not in result.stderr
 
 
@@ -152,6 +152,45 @@ def test_schema_is_the_merged_draft_2020_12_schema():
     assert plugins["received_header"]["properties"]["append"]["enum"] == [
         "all", "unauthenticated", "none"]
     assert set(schema["properties"]) == {"server", "directory", "delivery", "plugins"}
+
+
+def test_schema_of_a_config_holds_exactly_the_plugins_it_enables(tmp_path):
+    path = write(tmp_path, '[server]\nplugin_modules = ["with_schema"]\n[plugins.with_schema]\n')
+    result = ingress("schema", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    plugins = json.loads(result.stdout)["properties"]["plugins"]["properties"]
+    assert "greeting" in plugins["with_schema"]["properties"]
+    assert "banner" in plugins
+    bad = ingress("schema", "--config", str(write(tmp_path, "[plugins.banner]\ntxet = 1\n")))
+    assert bad.returncode == 2 and "/plugins/banner/txet" in bad.stderr
+
+
+def test_check_config_without_a_file_checks_the_embedded_default(tmp_path):
+    result = ingress("check-config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("<embedded default>: OK")
+
+
+def test_hash_password_makes_hashes_the_directory_accepts(tmp_path):
+    import argon2
+    import bcrypt
+
+    made = {}
+    for flag in ("", "--bcrypt"):
+        done = subprocess.run([sys.executable, "-m", "ingress", "hash-password",
+                               *filter(None, [flag])], input="s3cret pass\n",
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        made[flag] = done.stdout.strip()
+    assert made[""].startswith("$argon2id$")
+    assert argon2.PasswordHasher().verify(made[""], "s3cret pass")
+    assert bcrypt.checkpw(b"s3cret pass", made["--bcrypt"].encode())
+    users = "".join(f'[[directory.users]]\naddress = "u{i}@localhost"\npassword_hash = "{h}"\n'
+                    for i, h in enumerate(made.values()))
+    assert ingress("check-config", str(write(tmp_path, users))).returncode == 0
+    empty = subprocess.run([sys.executable, "-m", "ingress", "hash-password"], input="\n",
+                           capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 2 and "empty password" in empty.stderr
 
 
 def test_plugins_lists_name_source_and_hooks(tmp_path):

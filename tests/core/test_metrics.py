@@ -6,6 +6,8 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ingress.testing import eventually
+
 CONFIG = {
     "server": {"metrics_listen": "127.0.0.1:0"},
     "directory": {"domains": ["example.test", "other.test"],
@@ -42,6 +44,28 @@ def test_counters_follow_what_clients_do(ingress_server):
     assert metrics[("ingress_rejections_total", (("code", "550"), ("plugin", "mailbox")))] == 1
     assert metrics[("ingress_domain_messages_total", (("domain", "example.test"),))] == 2
     assert metrics[("ingress_domain_messages_total", (("domain", "other.test"),))] == 1
+
+
+def test_refused_connections_are_counted_and_the_open_gauge_returns_to_zero(ingress_server):
+    """max_connections refuses in on_connect, which ends that decision hook: observers count in
+    connection_opened, which runs for every connection (the gauge used to go to -1 here)."""
+    server = ingress_server({**CONFIG, "plugins": {"max_connections": {"limit": 1}}})
+    with server.raw() as held:
+        assert held.reply()[0] == 220
+        with server.raw() as refused:
+            assert refused.reply()[0] == 421
+            assert refused.closed_by_server()
+        assert held.cmd("QUIT")[0] == 221
+
+    def settled():
+        metrics = scrape(server)
+        return (metrics[("ingress_open_connections", ())] == 0
+                and metrics[("ingress_sessions_total", ())] == 2)
+
+    eventually(settled, what="both connections counted, none open")
+    metrics = scrape(server)
+    refusals = ("ingress_rejections_total", (("code", "421"), ("plugin", "max_connections")))
+    assert metrics[refusals] == 1
 
 
 def test_other_paths_are_404(ingress_server):

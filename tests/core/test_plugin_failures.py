@@ -14,7 +14,7 @@ CONFIG = {
 
 @pytest.mark.parametrize("local", ["raise", "hang", "nonsense"])
 def test_failing_decision_hook_tempfails_and_session_goes_on(ingress_server, local):
-    server = ingress_server(CONFIG, env={"INGRESS_HOOK_TIMEOUT": "0.5"})
+    server = ingress_server({**CONFIG, "server": {**CONFIG["server"], "hook_timeout": 0.5}})
     with server.smtp() as client:
         client.ehlo()
         client.mail("s@example.org")
@@ -35,3 +35,17 @@ def test_failing_delivery_backend_tempfails_and_stores_nothing(ingress_server):
         assert (code, text[:5]) == (451, b"4.3.0")
     assert server.all_messages() == []
     assert "plugin faulty failed in deliver" in server.log()
+
+
+def test_a_hung_delivery_backend_is_cut_at_hook_timeout(ingress_server):
+    """deliver is a first-result hook: it used to be awaited without any bound."""
+    server = ingress_server({**CONFIG, "server": {**CONFIG["server"], "hook_timeout": 0.5}})
+    with server.smtp(timeout=60) as client:
+        client.ehlo()
+        client.mail("hang@example.org")
+        client.rcpt("fine@example.test")
+        code, text = client.data("Subject: x\r\n\r\nx\r\n")
+        assert (code, text[:5]) == (451, b"4.3.0")
+        assert client.noop()[0] == 250  # the session goes on
+    assert server.all_messages() == []
+    assert "plugin faulty did not answer deliver within 0.5s" in server.log()

@@ -69,3 +69,56 @@ def test_headers_of_a_message_without_header_or_body(tmp_path):
     assert message(tmp_path, b"").headers() == []
     assert message(tmp_path, b"Subject: no body and no end").headers() == [
         ("Subject", "no body and no end")]
+
+
+# --- a full disk --------------------------------------------------------------------------------
+
+MB = 1 << 20
+LOCAL = {"directory": {"domains": ["example.test"],
+                       "users": [{"address": "alice@example.test", "password": "x"}]}}
+
+
+def text(size: int) -> bytes:
+    return b"Subject: t\r\n\r\n" + (b"y" * 98 + b"\r\n") * (size // 100)
+
+
+def transaction(client, data: bytes) -> tuple[int, bytes]:
+    assert client.mail("a@example.org")[0] == 250
+    assert client.rcpt("alice@example.test")[0] == 250
+    return client.data(data)
+
+
+def test_the_spool_filling_up_mid_data_answers_451_and_the_session_goes_on(
+        small_filesystem, ingress_server, tmp_path):
+    spool_dir = small_filesystem(tmp_path / "server" / "queue" / "spool", 2048)
+    server = ingress_server(LOCAL)
+    with server.smtp(timeout=60) as client:
+        client.ehlo("client.example.org")
+        # 4 MB: spilled to the spool past 1 MB, which is full at 2 MB; read to the final dot
+        assert transaction(client, text(4 * MB)) == (
+            451, b"4.3.0 Local storage error, try again later")
+        assert list(spool_dir.iterdir()) == [], "nothing half-written stays"
+        # the space is back: a spilled message that fits, and one kept in memory
+        assert transaction(client, text(MB + MB // 2))[0] == 250
+        assert transaction(client, text(10_000))[0] == 250
+        assert client.noop()[0] == 250
+    assert len(server.mailbox("alice@example.test")) == 2
+    assert list(spool_dir.iterdir()) == []
+    log = server.log()
+    assert "Traceback" not in log and "Internal error" not in log
+    assert log.count("spooling the message failed: [Errno 28] No space left on device") == 1
+
+
+def test_a_full_maildir_answers_451_and_keeps_nothing_half_written(
+        small_filesystem, ingress_server, tmp_path):
+    mail = small_filesystem(tmp_path / "server" / "mail", 1024)
+    server = ingress_server(LOCAL)
+    with server.smtp(timeout=60) as client:
+        client.ehlo("client.example.org")
+        assert transaction(client, text(10_000))[0] == 250  # makes the mailbox
+        assert transaction(client, text(2 * MB)) == (
+            451, b"4.3.0 Local storage error, try again later")
+        assert transaction(client, text(10_000))[0] == 250
+    files = [p for p in mail.rglob("*") if p.is_file()]
+    assert len(files) == 2 and all(p.parent.name == "new" for p in files)
+    assert "Traceback" not in server.log()

@@ -24,3 +24,5 @@ async def on_rcpt(recipient):
 def deliver(transaction):
     if transaction.mail_from == "crash@example.org":
         raise OSError("backend down")
+    if transaction.mail_from == "hang@example.org":
+        return asyncio.sleep(3600)  # a backend that never answers

@@ -5,15 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import hmac
+import os
+import re
 import smtplib
+import socket
+import struct
 import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
 
 import aiosmtplib
 import argon2
 import bcrypt
 import pytest
 
+from ingress.testing import eventually
 from ingress_plugins.auth import cram_md5_digest
 
 ARGON2 = argon2.PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash("argonpw")
@@ -163,7 +174,7 @@ CREDENTIALS = [
 
 
 def test_credentials_against_the_directory(ingress_server, tls):
-    server = ingress_server(config(server=tls.server(implicit=True)))
+    server = ingress_server(config(server=tls.server(implicit=True), failure_delay=0))
     for mechanism, user, password, expected in CREDENTIALS:
         with smtplib.SMTP_SSL(server.host, server.tls_port, context=tls.context(),
                               timeout=10) as client:
@@ -206,7 +217,7 @@ def swaks(server, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("mechanism", ALL)
 def test_swaks_over_starttls(ingress_server, tls, mechanism):
-    server = ingress_server(config(server=tls.server(),
+    server = ingress_server(config(server=tls.server(), failure_delay=0,
                                    **{name: True for name in SWITCH.values()}))
     result = swaks(server, "--tls", "--auth", mechanism, "--auth-password", "alicepw")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -229,7 +240,7 @@ def test_swaks_in_plaintext_gets_only_cram_md5(ingress_server):
 
 @pytest.mark.parametrize("disabled", [(), ("auth",)])
 def test_exchange_replies(ingress_server, disabled):
-    settings = config(**open_switches())
+    settings = config(**open_switches(), failure_delay=0)
     settings["plugins"]["max_bad_commands"] = {"limit": 0}  # this test makes many errors on purpose
     server = ingress_server(settings, disabled=disabled)
     with server.raw() as raw:
@@ -327,7 +338,7 @@ def test_brute_force_gets_535_each_time_and_the_session_stays_consistent(ingress
                                                                          mechanism):
     # Five attempts per session: below the default bad-command limit (8) of max_bad_commands,
     # which counts 535 and would end the session at the 8th.
-    server = ingress_server(config(**open_switches()))
+    server = ingress_server(config(**open_switches(), failure_delay=0))
     for _session in range(3):
         with server.smtp() as client:
             client.ehlo()
@@ -360,7 +371,7 @@ def test_unknown_and_known_users_cost_one_hash_check_each(ingress_inprocess_serv
     monkeypatch.setattr(ingress.directory, "_check_hash", counting)
     if disabled:
         monkeypatch.setenv("INGRESS_DISABLE_PLUGINS", ",".join(disabled))
-    server = ingress_inprocess_server(config(**open_switches()))
+    server = ingress_inprocess_server(config(**open_switches(), failure_delay=0))
     attempts = [
         ("PLAIN", "nobody@example.test", "x", "$argon2"),  # the dummy hash
         ("PLAIN", "alice@example.test", "wrong", "$argon2"),  # plaintext user: the dummy too
@@ -379,3 +390,233 @@ def test_unknown_and_known_users_cost_one_hash_check_each(ingress_inprocess_serv
             else:
                 assert code == (235 if password == "alicepw" else 535)
                 assert len(calls) == 1 and calls[0].startswith(hashed), (mechanism, user, calls)
+
+
+# --- failure_delay and the password check pool ---------------------------------------------------
+
+DELAY = 1.5  # generous: the assertions are lower bounds the contract demands, never upper ones
+
+
+def timed_failure(server, mechanism: str, user: str, password: str) -> tuple[int, str, float]:
+    """One failing AUTH on a fresh session: the reply and the seconds from just before the AUTH
+    command (PLAIN) or the client's last answer to a 334 (LOGIN, CRAM-MD5) went out."""
+    with server.raw() as raw:
+        raw.sock.settimeout(30)
+        raw.reply()
+        raw.cmd("EHLO c")
+        if mechanism == "PLAIN":
+            started = time.monotonic()
+            code, text = raw_auth_plain(raw, user, password)
+        elif mechanism == "LOGIN":
+            assert raw.cmd("AUTH LOGIN")[0] == 334
+            assert raw.cmd(b64(user))[0] == 334
+            started = time.monotonic()
+            code, text = raw.cmd(b64(password))
+        else:
+            code, challenge = raw.cmd("AUTH CRAM-MD5")
+            assert code == 334
+            digest = hmac.new(password.encode(), base64.b64decode(challenge), "md5").hexdigest()
+            started = time.monotonic()
+            code, text = raw.cmd(b64(f"{user} {digest}"))
+        return code, text, time.monotonic() - started
+
+
+FAILURES = [
+    ("PLAIN", "nobody@example.test", "x"),  # unknown user: the dummy hash
+    ("PLAIN", "alice@example.test", "wrong"),  # plaintext user
+    ("PLAIN", "argon@example.test", "wrong"),
+    ("PLAIN", "crypt@example.test", "wrong"),
+    ("LOGIN", "nobody@example.test", "x"),
+    ("LOGIN", "argon@example.test", "wrong"),
+    ("LOGIN", "crypt@example.test", "wrong"),
+    ("CRAM-MD5", "nobody@example.test", "x"),
+    ("CRAM-MD5", "alice@example.test", "wrong"),
+    ("CRAM-MD5", "argon@example.test", "argonpw"),  # hash only: no shared secret
+]
+
+
+def test_every_failure_is_answered_no_sooner_than_failure_delay(ingress_server):
+    server = ingress_server(config(**open_switches(), failure_delay=DELAY))
+    with concurrent.futures.ThreadPoolExecutor(len(FAILURES)) as threads:
+        results = list(threads.map(lambda case: timed_failure(server, *case), FAILURES))
+    for case, (code, text, seconds) in zip(FAILURES, results, strict=True):
+        assert (code, text) == (535, "5.7.8 Authentication credentials invalid"), case
+        assert seconds >= DELAY, (case, seconds)
+
+
+def test_acting_as_someone_else_is_delayed_too(ingress_server):
+    server = ingress_server(config(**open_switches(), failure_delay=DELAY))
+    with server.raw() as raw:
+        raw.reply()
+        raw.cmd("EHLO c")
+        started = time.monotonic()
+        code, _ = raw_auth_plain(raw, "alice@example.test", "alicepw", authzid="argon@example.test")
+        assert code == 535 and time.monotonic() - started >= DELAY
+
+
+def test_failure_after_starttls_is_delayed_too(ingress_server, tls):
+    server = ingress_server(config(server=tls.server(), failure_delay=DELAY))
+    with server.raw() as raw:
+        raw.sock.settimeout(30)
+        raw.reply()
+        raw.cmd("EHLO c")
+        assert raw.starttls(tls.context(), server_hostname="mx.test")[0] == 220
+        raw.cmd("EHLO c")
+        started = time.monotonic()
+        assert raw_auth_plain(raw, "crypt@example.test", "wrong")[0] == 535
+        assert time.monotonic() - started >= DELAY
+        assert raw_auth_plain(raw, "crypt@example.test", "bcryptpw")[0] == 235
+
+
+def test_success_is_not_delayed(ingress_server):
+    """With a failure_delay of 30 s, right passwords are answered at once: well before 15 s
+    (the client would time out at 20 s), by every mechanism and hash type."""
+    server = ingress_server(config(**open_switches(), failure_delay=30))
+    successes = [("PLAIN", "alice@example.test", "alicepw"),
+                 ("PLAIN", "argon@example.test", "argonpw"),
+                 ("LOGIN", "crypt@example.test", "bcryptpw"),
+                 ("CRAM-MD5", "alice@example.test", "alicepw")]
+    for mechanism, user, password in successes:
+        with server.smtp(timeout=20) as client:
+            client.ehlo()
+            started = time.monotonic()
+            assert login(client, mechanism, user, password)[0] == 235, (mechanism, user)
+            assert time.monotonic() - started < 15, (mechanism, user)
+
+
+def test_delay_is_server_time_not_the_clients_command_timer(ingress_server):
+    """A failure_delay longer than command_timeout: the client waits for our answer, so the
+    command timer does not run and the answer is the 535, not a 421."""
+    settings = config(**open_switches(), failure_delay=DELAY)
+    settings["plugins"]["command_timeout"] = {"seconds": 0.5}
+    server = ingress_server(settings)
+    code, text, seconds = timed_failure(server, "PLAIN", "argon@example.test", "wrong")
+    assert (code, seconds >= DELAY) == (535, True)
+    code, text, seconds = timed_failure(server, "LOGIN", "crypt@example.test", "wrong")
+    assert (code, seconds >= DELAY) == (535, True)
+
+
+def test_max_bad_commands_closes_after_the_delayed_535(ingress_server):
+    settings = config(**open_switches(), failure_delay=DELAY)
+    settings["plugins"]["max_bad_commands"] = {"limit": 2}
+    server = ingress_server(settings)
+    with server.raw() as raw:
+        raw.sock.settimeout(30)
+        raw.reply()
+        raw.cmd("EHLO c")
+        assert raw_auth_plain(raw, "argon@example.test", "guess1")[0] == 535
+        started = time.monotonic()
+        assert raw_auth_plain(raw, "argon@example.test", "guess2")[0] == 535
+        assert time.monotonic() - started >= DELAY
+        assert raw.reply() == (421, "4.7.0 Too many errors")
+        assert raw.closed_by_server()
+
+
+def test_pipelined_attempts_wait_one_delay_each(ingress_server):
+    """The delay runs from when the server reads each AUTH, so guesses sent all at once are
+    still answered at most one per failure_delay."""
+    server = ingress_server(config(**open_switches(), failure_delay=DELAY))
+    with server.raw() as raw:
+        raw.sock.settimeout(30)
+        raw.reply()
+        raw.cmd("EHLO c")
+        started = time.monotonic()
+        raw.send("".join(f"AUTH PLAIN {b64(chr(0) + 'argon@example.test' + chr(0) + str(n))}\r\n"
+                         for n in range(3)))
+        assert [raw.reply()[0] for _ in range(3)] == [535, 535, 535]
+        assert time.monotonic() - started >= 3 * DELAY
+
+
+def test_client_that_leaves_during_the_delay(ingress_server):
+    server = ingress_server(config(**open_switches(), failure_delay=DELAY))
+    for mechanism in ("PLAIN", "CRAM-MD5"):
+        with server.raw() as raw:
+            raw.reply()
+            raw.cmd("EHLO c")
+            if mechanism == "PLAIN":
+                raw.send(f"AUTH PLAIN {b64(chr(0) + 'argon@example.test' + chr(0) + 'x')}\r\n")
+            else:
+                raw.cmd("AUTH CRAM-MD5")
+                raw.send(b64("alice@example.test " + "0" * 32) + "\r\n")
+    with server.raw() as raw:  # the server goes on as before
+        raw.reply()
+        raw.cmd("EHLO c")
+        assert raw_auth_plain(raw, "argon@example.test", "argonpw")[0] == 235
+    eventually(lambda: server.log().count(" ended: ") >= 3, what="sessions ended")
+    assert "Traceback" not in server.log()
+
+
+SLOW_ARGON2 = argon2.PasswordHasher(time_cost=3, memory_cost=16384, parallelism=1).hash("pw")
+
+
+def metric(server, name: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
+    assert found, f"{name} not in /metrics"
+    return float(found[1])
+
+
+def test_password_checks_run_at_most_one_per_cpu_at_once(ingress_server):
+    """A flood of failing AUTHs from many sessions at once: the server's own count of checks
+    running at the same time (``ingress_auth_checks_running_max``) reaches one per CPU and never
+    more, and every session still gets its 535."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    server = ingress_server({
+        "directory": {"domains": ["example.test"], "users": [
+            {"address": "slow@example.test", "password_hash": SLOW_ARGON2}]},
+        "server": {"metrics_listen": "127.0.0.1:0"},
+        "plugins": {"auth": {**open_switches(), "failure_delay": 0}},
+    })
+    users = ["slow@example.test", "nobody@example.test"]  # unknown: the dummy, made like it
+    barrier = threading.Barrier(2 * cpus + 2)
+
+    def attempt(n: int) -> int:
+        with server.raw() as raw:
+            raw.sock.settimeout(60)
+            raw.reply()
+            raw.cmd("EHLO c")
+            barrier.wait(timeout=30)
+            return raw_auth_plain(raw, users[n % 2], f"guess{n}")[0]
+
+    with concurrent.futures.ThreadPoolExecutor(barrier.parties) as threads:
+        codes = list(threads.map(attempt, range(barrier.parties)))
+    assert codes == [535] * barrier.parties
+    assert metric(server, "ingress_auth_checks_running_max") == cpus
+    assert metric(server, "ingress_auth_checks_running") == 0
+    assert metric(server, "ingress_auth_checks_waiting") == 0
+    if sys.platform.startswith("linux"):
+        # The pool's threads are there, one per CPU, and give way to the event loop's thread.
+        nice = {int(task.name): int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+                for task in Path(f"/proc/{server.pid}/task").iterdir()}
+        assert list(nice.values()).count(10) == cpus, nice  # nice +10
+        assert nice[server.pid] == 0, nice
+
+
+def test_checks_of_clients_that_reset_before_their_turn_are_skipped(ingress_server):
+    """Sessions that send a failing AUTH and reset the connection at once: those whose check
+    had not started when they left cost no hash (``ingress_auth_checks_skipped``)."""
+    server = ingress_server({
+        "directory": {"domains": ["example.test"], "users": [
+            {"address": "slow@example.test", "password_hash": SLOW_ARGON2}]},
+        "server": {"metrics_listen": "127.0.0.1:0"},
+        "plugins": {"auth": {**open_switches(), "failure_delay": 0}},
+    })
+    sessions = 4 * (os.cpu_count() or 1) + 4
+    clients = []
+    for _ in range(sessions):
+        raw = server.raw()
+        raw.reply()
+        raw.cmd("EHLO c")
+        clients.append(raw)
+    for n, raw in enumerate(clients):
+        raw.send(f"AUTH PLAIN {b64(chr(0) + 'slow@example.test' + chr(0) + str(n))}\r\n")
+    for raw in clients:  # reset, not FIN: the server sees the connection gone at once
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw.close()
+    eventually(lambda: metric(server, "ingress_auth_checks_waiting") == 0
+               and metric(server, "ingress_auth_checks_running") == 0, what="queue drained")
+    assert metric(server, "ingress_auth_checks_skipped_total") >= 1
+    with server.raw() as raw:
+        raw.reply()
+        raw.cmd("EHLO c")
+        assert raw_auth_plain(raw, "slow@example.test", "pw")[0] == 235

@@ -226,3 +226,91 @@ def test_a_tls_handshake_stalled_after_starttls_is_cut(ingress_server, tls_certs
         else:
             assert raw.closed_by_server(WAIT)
             assert raw._buffer == b""
+
+
+# --- min_data_rate -----------------------------------------------------------------------------
+
+TRICKLE = TIMEOUT / 4  # a byte every 0.25 s: 4 octets/s, never a pause near the command timeout
+
+
+def trickle(raw: SMTPRaw, data: bytes) -> tuple[tuple[int, str], int]:
+    """Send *data* one byte every TRICKLE seconds until a reply arrives; return the reply and
+    how many bytes were sent."""
+    sent = 0
+    for byte in data:
+        try:
+            raw.send(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        sent += 1
+        raw.sock.settimeout(TRICKLE)
+        try:
+            chunk = raw.sock.recv(65536)
+        except TimeoutError:
+            continue
+        raw._buffer += chunk
+        break
+    raw.sock.settimeout(WAIT)
+    return raw.reply(), sent
+
+
+@pytest.mark.parametrize("disabled", [(), ("command_timeout",)])
+def test_a_body_below_the_minimum_data_rate_is_cut(ingress_server, disabled):
+    """4 octets/s against a minimum of 1,000 octets/s after a grace of `seconds`: cut with the
+    command timeout's 421 once the grace is over, though the data never pauses; not stored."""
+    server = ingress_server(config(command_timeout={"seconds": TIMEOUT, "min_data_rate": 1000}),
+                            disabled=disabled)
+    with server.raw() as raw:
+        start_data(raw)
+        started = time.monotonic()
+        body = b"Subject: slow\r\n\r\n" + b"x" * 30 + b"\r\n.\r\n"  # at most 13 s
+        reply, sent = trickle(raw, body)
+        if disabled:
+            assert reply[0] == 250 and sent == len(body)
+        else:
+            assert reply == CUT and sent < len(body)
+            assert time.monotonic() - started >= TIMEOUT * 0.9  # not before the grace
+            assert raw.closed_by_server(WAIT)
+    server.stop()
+    if not disabled:
+        assert "command timeout (data rate)" in server.log()
+        assert server.all_messages() == [] and server.queue_entries() == []
+
+
+def test_a_fast_body_is_served_with_a_minimum_data_rate(ingress_server):
+    server = ingress_server(config(command_timeout={"seconds": TIMEOUT, "min_data_rate": 1000}))
+    with server.raw() as raw:
+        start_data(raw)
+        raw.send(b"Subject: fast\r\n\r\n" + b"a line of a message body\r\n" * 4000 + b".\r\n")
+        assert raw.reply()[0] == 250
+        # and a second message on the same connection: the rate counts per body
+        for line in ("MAIL FROM:<a@example.org>", "RCPT TO:<alice@example.test>"):
+            assert raw.cmd(line)[0] == 250
+        assert raw.cmd("DATA")[0] == 354
+        raw.send(b"Subject: fast again\r\n\r\nshort\r\n.\r\n")
+        assert raw.reply()[0] == 250
+        assert raw.cmd("QUIT")[0] == 221
+    assert len(server.mailbox("alice@example.test")) == 2
+
+
+def test_a_slow_but_flowing_body_is_served_without_a_minimum_data_rate(ingress_server):
+    """min_data_rate = 0 (the default): the same trickle, 3 times as long as `seconds`,
+    finishes its body and is stored."""
+    server = ingress_server(config(command_timeout={"seconds": TIMEOUT, "min_data_rate": 0}))
+    body = b"Subject: slow\r\n\r\nok\r\n.\r\n"  # 24 octets: about 6 s
+    with server.raw() as raw:
+        start_data(raw)
+        reply, sent = trickle(raw, body)
+        assert reply[0] == 250 and sent == len(body)
+        assert raw.cmd("QUIT")[0] == 221
+    [stored] = server.mailbox("alice@example.test")
+    assert stored.endswith(b"\r\nok\r\n")
+
+
+def test_the_minimum_data_rate_does_not_apply_outside_a_body(ingress_server):
+    """A command line sent byte by byte is on the command timer only, not on the data rate."""
+    server = ingress_server(config(command_timeout={"seconds": TIMEOUT, "min_data_rate": 1000}))
+    with server.raw() as raw:
+        raw.reply()
+        line = b"NOOP taking my time\r\n"
+        assert trickle(raw, line) == ((250, "2.0.0 OK"), len(line))

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import base64
 import email
 from email.utils import parsedate_to_datetime
 
 import pytest
 
+from ingress import hookimpl
+from ingress.testing import eventually
 from ingress_plugins.dsn import parse_notify, parse_orcpt, xtext_decode
 
 DIRECTORY = {
@@ -192,7 +195,7 @@ def test_ret_full_returns_the_message_and_optional_fields_are_left_out(ingress_s
 
 
 def test_an_external_sender_gets_its_dsn_through_the_queue(ingress_server):
-    server = ingress_server(LOCAL)
+    server = ingress_server({**LOCAL, "plugins": {"relay": {"whitelist": ["127.0.0.1"]}}})
     transaction(server, "<sender@elsewhere.test> ENVID=abc",
                 ["<bob@example.test> NOTIFY=SUCCESS"])
     [(envelope, data)] = server.queue_entries()
@@ -231,3 +234,86 @@ def test_no_success_dsn(ingress_server, mail, rcpt):
     assert len(server.mailbox("bob@example.test")) == 1
     assert server.all_messages() == [p for p in server.all_messages() if "/bob/" in str(p)]
     assert server.queue_entries() == []
+
+
+# --- no backscatter: a DSN to an outside sender only where the session may relay ---------------
+
+SPAM = "From: victim@outside.test\r\nSubject: cheap pills\r\n\r\nBuy now.\r\n"
+NOT_ALLOWED = "no success DSN: this session may not relay to sender <victim@outside.test>"
+
+
+def forged_transaction(server, auth: bool = False) -> list[tuple[int, str]]:
+    with server.raw() as raw:
+        raw.reply()
+        raw.cmd("EHLO client.example.org")
+        if auth:
+            token = base64.b64encode(b"\0alice@example.test\0x").decode()
+            assert raw.cmd(f"AUTH PLAIN {token}")[0] == 235
+        replies = [raw.cmd("MAIL FROM:<victim@outside.test> RET=FULL"),
+                   raw.cmd("RCPT TO:<bob@example.test> NOTIFY=SUCCESS")]
+        assert raw.cmd("DATA")[0] == 354
+        replies.append(raw.cmd(SPAM + "."))
+        raw.cmd("QUIT")
+    return replies
+
+
+@pytest.mark.parametrize("relay", [{}, {"allow": "local_domains"}, {"allow": "local_users"},
+                                   {"whitelist": ["192.0.2.0/24"]}])
+def test_no_dsn_to_a_forged_outside_sender(ingress_server, relay):
+    server = ingress_server({**LOCAL, "plugins": {"relay": relay}})
+    assert [code for code, _ in forged_transaction(server)] == [250, 250, 250]
+    assert len(server.mailbox("bob@example.test")) == 1
+    eventually(lambda: NOT_ALLOWED in server.log(), what="the log line")
+    assert server.queue_entries() == []
+    assert list(server.queue.glob("*.eml")) == []
+    assert server.log().count("no success DSN") == 1
+
+
+def test_no_dsn_to_an_outside_sender_without_the_relay_plugin(ingress_server):
+    server = ingress_server(LOCAL, disabled=("relay",))
+    forged_transaction(server)
+    eventually(lambda: NOT_ALLOWED in server.log(), what="the log line")
+    assert server.queue_entries() == []
+
+
+@pytest.mark.parametrize("how", ["whitelist", "authenticated", "anyone"])
+def test_dsn_to_an_outside_sender_the_session_may_relay_to(ingress_server, how):
+    relay = {"whitelist": {"whitelist": ["127.0.0.0/8"]},
+             "authenticated": {"authenticated": True},
+             "anyone": {"allow": "anyone"}}[how]
+    server = ingress_server({**LOCAL, "plugins": {
+        "relay": relay, "auth": {"disable_plain_without_tls": False}}})
+    assert forged_transaction(server, auth=how == "authenticated")[-1][0] == 250
+    eventually(lambda: server.queue_entries(), what="the queued DSN")
+    [(envelope, data)] = server.queue_entries()
+    assert envelope["recipients"] == [{"address": "victim@outside.test", "params": {}}]
+    assert envelope["mail_from"] == "" and envelope["generated"] is True
+    *_, returned = report_parts(data)
+    assert returned.get_payload()[0]["Subject"] == "cheap pills"  # RET=FULL
+    assert "no success DSN" not in server.log()
+
+
+def test_authenticated_relay_off_means_no_dsn_to_an_outside_sender(ingress_server):
+    server = ingress_server({**LOCAL, "plugins": {
+        "relay": {"authenticated": False}, "auth": {"disable_plain_without_tls": False}}})
+    forged_transaction(server, auth=True)
+    eventually(lambda: NOT_ALLOWED in server.log(), what="the log line")
+    assert server.queue_entries() == []
+
+
+class PartnerPolicy:
+    """A third-party policy that answers may_relay before the relay plugin."""
+
+    @hookimpl(tryfirst=True)
+    def may_relay(self, address):
+        return True if address.endswith("@partner.test") else None
+
+
+def test_a_third_party_may_relay_answer_comes_first(ingress_inprocess_server):
+    server = ingress_inprocess_server({**LOCAL, "plugins": {"partner": {}}},
+                                      plugins={"partner": PartnerPolicy()})
+    for sender in ("someone@partner.test", "victim@outside.test"):
+        transaction(server, f"<{sender}>", ["<bob@example.test> NOTIFY=SUCCESS"])
+    eventually(lambda: server.queue_entries(), what="the queued DSN")
+    [(envelope, _)] = server.queue_entries()
+    assert envelope["recipients"] == [{"address": "someone@partner.test", "params": {}}]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import email
+import os
 import re
 import threading
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ingress.testing import eventually
 from ingress_plugins import max_message_size
 from ingress_plugins.max_message_size import Base64Measure
 
@@ -332,3 +334,93 @@ def test_a_200mb_oversized_message_is_discarded_in_bounded_memory(ingress_server
     print(f"peak RSS discarding 200 MB: {rss.peak} kB (at start {rss.start} kB)")
     assert server.all_messages() == []
     assert rss.peak < RSS_BOUND_KB, f"peak RSS {rss.peak} kB"
+
+
+# --- measuring never holds up other sessions ---------------------------------------------------
+
+
+def mime_bomb(size: int) -> bytes:
+    """64 nested multiparts, each with a base64 part, the innermost part full of lines that
+    look like delimiters of the outer ones: the old walk spent some 13 s of CPU on 20 MB."""
+    part = b"Content-Transfer-Encoding: base64\r\n\r\n" + b"QUJD\r\n" * 10
+    data = b"From: a@example.org\r\nContent-Type: multipart/mixed; boundary=b0\r\n\r\n"
+    for depth in range(63):
+        data += (b"--b%d\r\n%s--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n"
+                 % (depth, part, depth, depth + 1))
+    data += b"--b63\r\n" + part
+    return data + b"--b1x\r\n" * ((size - len(data)) // 7)
+
+
+class PausedMeasurement:
+    """Holds every measurement at its *at*-th chunk until released (or *patience* s passed)."""
+
+    def __init__(self, monkeypatch, at: int = 1, patience: float = 20):
+        self.paused = threading.Semaphore(0)
+        self.release = threading.Event()
+        self.timed_out = False
+        original = Base64Measure.feed
+
+        def feed(counter, data):
+            counter.chunks_seen = getattr(counter, "chunks_seen", 0) + 1
+            if counter.chunks_seen == at:
+                self.paused.release()
+                if not self.release.wait(patience):
+                    self.timed_out = True
+            original(counter, data)
+
+        monkeypatch.setattr(Base64Measure, "feed", feed)
+
+
+def send_in_thread(server, data: bytes, results: list) -> threading.Thread:
+    def run():
+        with server.smtp(timeout=120) as client:
+            client.ehlo("bomb.example.org")
+            results.append(send(client, data))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_other_sessions_are_served_while_a_message_is_measured(ingress_inprocess_server,
+                                                               monkeypatch):
+    # A message kept in memory (under 1 MB): the old code measured it on the event loop.
+    pause = PausedMeasurement(monkeypatch)
+    server = ingress_inprocess_server(config(64))
+    results: list = []
+    sender = send_in_thread(server, attachment_message(bytes(range(256)) * 240), results)
+    assert pause.paused.acquire(timeout=30), "the message was never measured"
+    with server.smtp(timeout=60) as other:  # a whole transaction during the measurement
+        other.ehlo("other.example.org")
+        assert send(other, text_message(2000))[0] == 250
+    assert not pause.timed_out and not pause.release.is_set(), "served only after the pause"
+    pause.release.set()
+    sender.join(60)
+    assert results and results[0][0] == 250
+    assert len(server.mailbox(RCPT)) == 2
+
+
+@pytest.mark.heavy
+def test_deliveries_go_on_while_mime_bombs_are_measured(ingress_inprocess_server, monkeypatch):
+    # As many 20 MB bombs as asyncio's default pool has threads (where deliveries run), each
+    # held once its measurement has begun: another client still gets its message stored.
+    bombs = min(32, (os.cpu_count() or 1) + 4)
+    pause = PausedMeasurement(monkeypatch, at=2)
+    server = ingress_inprocess_server(config(15_000))  # 20 MB: over kb*1024, under n
+    bomb = mime_bomb(20 * MB)
+    assert 15_000 * 1024 < len(bomb) < max_message_size.raw_limit(
+        {"kb": 15_000, "base64_allowance": True})
+    results: list = []
+    senders = [send_in_thread(server, bomb, results) for _ in range(bombs)]
+    assert pause.paused.acquire(timeout=120), "no bomb was measured"
+    eventually(lambda: len(list((server.queue / "spool").iterdir())) == bombs, 120,
+               "every bomb spooled")
+    with server.smtp(timeout=120) as other:
+        other.ehlo("other.example.org")
+        assert send(other, text_message(2000))[0] == 250
+    assert not pause.timed_out and not pause.release.is_set(), "served only after the pause"
+    pause.release.set()
+    for sender in senders:
+        sender.join(120)
+    expected = 552 if measured(bomb, 1 << 16) > 15_000 * 1024 else 250
+    assert [code for code, _ in results] == [expected] * bombs

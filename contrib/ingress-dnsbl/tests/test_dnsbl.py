@@ -209,3 +209,34 @@ def test_installed_plugin_is_listed_and_its_config_checked(tmp_path):
     assert result.returncode == 2
     assert f"{bad}: /plugins/dnsbl/zone: unknown key 'zone'" in result.stderr.splitlines()
     assert f"{bad}: /plugins/dnsbl/check_at:" in result.stderr
+
+
+@pytest.mark.parametrize("option", ["send-proxy", "send-proxy-v2"])
+def test_client_behind_haproxy_is_looked_up(ingress_server, blocklists, tmp_path, option):
+    """Behind a real HAProxy that sends PROXY headers, the client (127.0.0.2) is looked up,
+    not HAProxy (127.0.0.1)."""
+    from ingress.testing import HAProxy
+
+    blocklists.answers["2.0.0.127.bl.test"] = "127.0.0.2"
+    blocklists.answers[f"{CLIENT}.bl.test"] = "127.0.0.2"  # HAProxy's address: must not matter
+    server = ingress_server({**dnsbl(zones=["bl.test"], resolver=blocklists.resolver),
+                             "server": {"proxy_protocol": ["127.0.0.1"]}})
+    with HAProxy(tmp_path / "haproxy", [(server.host, server.port)], option) as proxy:
+        with proxy.raw(source="127.0.0.2") as client:
+            assert client.reply() == (554, "5.7.1 127.0.0.2 listed by bl.test")
+        with proxy.raw(source="127.0.0.3") as client:
+            assert client.reply()[0] == 220
+    assert sorted(blocklists.questions) == ["2.0.0.127.bl.test", "3.0.0.127.bl.test"]
+
+
+@pytest.mark.parametrize("resolver, message", [
+    ("127.0.0.1:99999", "'127.0.0.1:99999': port 99999 is out of range (1-65535)"),
+    ("127.0.0.1:0", "'127.0.0.1:0': port 0 is out of range (1-65535)"),
+    ("::1:53", "'::1:53' is not host:port: write an IPv6 address in brackets, as in [::1]:25"),
+])
+def test_resolver_must_be_host_and_port(tmp_path, resolver, message):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[plugins.dnsbl]\nresolver = "{resolver}"\n')
+    result = ingress("check-config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"{path}: /plugins/dnsbl/resolver: {message}"]
