@@ -321,7 +321,16 @@ def parse_host_port(value: str, *, listen: bool = False) -> tuple[str, int]:
 
 
 # Formats our schemas (and plugin schemas) may use; the message of a failed check is its error.
-FORMATS = jsonschema.FormatChecker(formats=())
+# Every format jsonschema knows (regex, ipv4, ipv6, email, date, ...: a schema that names one
+# gets it enforced, so a value that would crash at run time is a config error instead) plus ours.
+FORMATS = jsonschema.FormatChecker()
+
+
+@FORMATS.checks("ip-network", raises=ValueError)
+def _ip_network(value: Any) -> bool:
+    if isinstance(value, str) and ipnets.parse_network(value) is None:
+        raise ValueError(f"{value!r} is not an IP address or CIDR network")
+    return True
 FORMATS.checks("host-port", raises=ValueError)(
     lambda v: not isinstance(v, str) or bool(parse_host_port(v)))
 FORMATS.checks("listen-address", raises=ValueError)(
@@ -342,10 +351,17 @@ def schema_errors(schema: dict, data: Any) -> list[tuple[str, str]]:
                     found.append((pointer(path + [key]), f"unknown key {key!r}"))
             continue
         if error.validator == "format" and error.cause is not None:
-            found.append((pointer(path), str(error.cause)))
+            found.append((pointer(path), _format_message(error)))
             continue
         found.append((pointer(path), error.message))
     return sorted(set(found))
+
+
+def _format_message(error: jsonschema.ValidationError) -> str:
+    """Our own formats explain themselves; jsonschema's say what the value should be."""
+    if error.validator_value in ("host-port", "listen-address", "ip-network"):
+        return str(error.cause)
+    return f"{error.instance!r} is not a valid {error.validator_value}: {error.cause}"
 
 
 def tls_problems(cert: str, key: str) -> list[tuple[str, str]]:

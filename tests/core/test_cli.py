@@ -135,6 +135,31 @@ def test_third_party_schema_is_merged_and_applied(tmp_path):
     assert ingress("check-config", str(path)).returncode == 0
 
 
+def test_schema_formats_are_enforced(tmp_path):
+    """A regex that does not compile used to pass check-config and then answer every message
+    with 451 and a traceback; so did addresses that are not addresses."""
+    path = write(tmp_path, '[server]\nplugin_modules = ["with_formats"]\n'
+                           '[plugins.with_formats]\nsubject_pattern = "(unclosed"\n'
+                           'trusted_ip = "300.1.2.3"\ntrusted_ip6 = "2001:db8::g"\n'
+                           'network = "10.0.0.0/33"\n')
+    result = ingress("check-config", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 4, lines
+    assert lines[0] == (f"{path}: /plugins/with_formats/network: '10.0.0.0/33' is not an IP "
+                        "address or CIDR network")
+    assert lines[1].startswith(f"{path}: /plugins/with_formats/subject_pattern: '(unclosed' is "
+                               "not a valid regex: ")
+    assert lines[2].startswith(f"{path}: /plugins/with_formats/trusted_ip: '300.1.2.3' is not a "
+                               "valid ipv4")
+    assert lines[3].startswith(f"{path}: /plugins/with_formats/trusted_ip6: '2001:db8::g' is "
+                               "not a valid ipv6")
+    assert "Traceback" not in result.stderr
+    good = write(tmp_path, '[server]\nplugin_modules = ["with_formats"]\n[plugins.with_formats]\n'
+                           'subject_pattern = "^spam@"\n', name="good.toml")
+    assert ingress("check-config", str(good)).returncode == 0
+
+
 def test_serve_refuses_an_invalid_config(tmp_path):
     path = write(tmp_path, '[plugins.banner]\ntxet = "hello"\n')
     result = ingress("serve", "--config", str(path))
