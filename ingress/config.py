@@ -348,13 +348,20 @@ def schema_errors(schema: dict, data: Any) -> list[tuple[str, str]]:
             patterns = error.schema.get("patternProperties", {})
             for key in error.instance:
                 if key not in allowed and not patterns:
-                    found.append((pointer(path + [key]), f"unknown key {key!r}"))
+                    found.append((pointer(path + [key]), _unknown_key(path, key)))
             continue
         if error.validator == "format" and error.cause is not None:
             found.append((pointer(path), _format_message(error)))
             continue
         found.append((pointer(path), error.message))
     return sorted(set(found))
+
+
+def _unknown_key(path: list, key: str) -> str:
+    if path == ["plugins"]:  # a section for a plugin the config does not load
+        return (f"unknown key {key!r}: no plugin of that name is installed (neither a builtin, "
+                "nor an entry point of group 'ingress.plugins', nor in server.plugin_modules)")
+    return f"unknown key {key!r}"
 
 
 def _format_message(error: jsonschema.ValidationError) -> str:
