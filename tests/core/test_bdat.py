@@ -7,6 +7,7 @@ as the sending client is in test_bdat_postfix.py.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import smtplib
 import socket
@@ -368,3 +369,50 @@ def test_smtplib_binarymime_is_a_known_body_value(server):
         with server.smtp() as client:
             client.sendmail("a@example.org", ["alice@example.test"], b"x",
                             mail_options=["BODY=OTHER"])
+
+
+def vm_hwm(pid: int) -> int:
+    """Peak resident memory of process *pid*, in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise KeyError("VmHWM")
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("chunk", [1 << 20, 200 << 20], ids=["1MB-chunks", "one-chunk"])
+def test_200_mb_in_bdat_chunks_keeps_the_server_under_64_mb(ingress_server, chunk):
+    server = ingress_server({"directory": USERS})
+    total = 200 << 20
+    block = bytes(range(256)) * 4096  # 1 MiB, every octet value
+    digest = hashlib.sha256()
+    with server.raw() as raw:
+        envelope(raw)
+        raw.sock.settimeout(120)
+        sent = 0
+        while sent < total:
+            size = min(chunk, total - sent)
+            last = sent + size == total
+            raw.send(b"BDAT %d%s\r\n" % (size, b" LAST" if last else b""))
+            for offset in range(0, size, len(block)):
+                piece = block[: min(len(block), size - offset)]
+                piece = bytes([sent // len(block) % 256]) + piece[1:]  # blocks differ
+                raw.send(piece)
+                digest.update(piece)
+                sent += len(piece)
+            reply = raw.reply()
+            assert queued(reply) if last else reply[0] == 250, reply
+        assert raw.cmd("QUIT")[0] == 221
+    peak = vm_hwm(server.pid)
+    [path] = server.all_messages()
+    stored = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        start = head.index(b"\r\n\x00\x01\x02\x03") + 2  # after the prepended header fields
+        f.seek(start)
+        while data := f.read(1 << 20):
+            stored.update(data)
+    assert stored.hexdigest() == digest.hexdigest()
+    print(f"peak RSS with {chunk} octet chunks: {peak / (1 << 20):.1f} MiB")
+    assert peak < 64 << 20, peak
