@@ -246,7 +246,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         return None if due is None else (kind, due)
 
     def _start_data_rate(self) -> None:
-        """A DATA body (later also a BDAT chunk) starts: from now on it runs on the minimum data
+        """A DATA body or a BDAT chunk starts: from now on it runs on the minimum data
         rate too, if one is set (session.set_min_data_rate), until _stop_data_rate."""
         self._rate_from = (self.loop.time(), self._rx_octets - len(self._reader._buffer))
 
