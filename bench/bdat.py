@@ -81,27 +81,34 @@ def main(argv: list[str] | None = None) -> int:
                     results.setdefault((size, command), []).append(r)
                     failed |= r["check"] != "ok" or r["failed"] > 0
                     print(f"  round {round_ + 1} {size // 1024:4d} KB {command:4} "
-                          f"{r['rate']:8.0f} msgs/s  CPU {r['cpu_us']:6.0f} us/msg  "
+                          f"{r['rate']:8.0f} msgs/s  CPU {r['cpu_us'] or 0:6.0f} us/msg  "
                           f"{r['check']}", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    lines = [machine, "command: " + " ".join(["bench/bdat.py", *(argv or sys.argv[1:])]), "",
+    lines = [machine, f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+             "command: " + " ".join(["bench/bdat.py", *(argv or sys.argv[1:])]), "",
              "| size | command | msgs/s (median) | CPU µs/msg (median) | acked | failed | "
-             "stored = acked | BDAT/DATA msgs/s per round | median ratio |",
+             "stored = acked | BDAT/DATA msgs/s by round (median) | "
+             "BDAT/DATA CPU per msg by round (median) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for size in sizes:
         data, bdat = results[(size, "data")], results[(size, "bdat")]
-        ratios = [b["rate"] / d["rate"] for b, d in zip(bdat, data, strict=True)]
         for command, rs in (("DATA", data), ("BDAT", bdat)):
-            extra = ("", "")
+            extra = ""
             if command == "BDAT":
-                extra = (" ".join(f"{x:.2f}" for x in ratios), f"{statistics.median(ratios):.2f}")
+                pairs = list(zip(bdat, data, strict=True))
+                for key in ("rate", "cpu_us"):
+                    ratios = [b[key] / d[key] for b, d in pairs if b[key] and d[key]]
+                    median = f"{statistics.median(ratios):.2f}" if ratios else "-"
+                    extra += f" {' '.join(f'{x:.2f}' for x in ratios)} (**{median}**) |"
+            else:
+                extra = " | |"
             checks = ", ".join(sorted({r["check"] for r in rs}))
             lines.append(
                 f"| {size // 1024} KB | {command} | {statistics.median(r['rate'] for r in rs):.0f}"
-                f" | {statistics.median(r['cpu_us'] for r in rs):.0f} | "
-                f"{sum(r['acked'] for r in rs)} | {sum(r['failed'] for r in rs)} | {checks} | "
-                f"{extra[0]} | {extra[1]} |")
+                f" | {statistics.median(r['cpu_us'] or 0 for r in rs):.0f} | "
+                f"{sum(r['acked'] for r in rs)} | {sum(r['failed'] for r in rs)} | {checks} |"
+                + extra)
     text = "\n".join(lines)
     print(text)
     if args.report:
