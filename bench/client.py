@@ -7,7 +7,9 @@ keeps each of the ``--sessions`` connections open and sends messages on it until
 is used up (what ``smtp-source -d`` does). Prints one JSON object: messages acknowledged with 250,
 failures, elapsed seconds, messages/s and latency percentiles in milliseconds. Latency is per
 session (connect to the reply to QUIT) in mode ``one`` and per message (MAIL to the 250 after
-DATA) in mode ``many``, where a session lasts the whole run. ``--acked FILE`` writes the sequence
+DATA) in mode ``many``, where a session lasts the whole run. ``--command bdat`` sends each
+message as one ``BDAT <n> LAST`` chunk (RFC 3030) instead of DATA, pipelined with MAIL and RCPT.
+``--acked FILE`` writes the sequence
 number of every acknowledged message, one per line; each message carries it as ``X-Bench-Seq``.
 """
 
@@ -91,6 +93,13 @@ class Connection(asyncio.Protocol):
         load = self.load
         rcpt_index = self.seq % len(load.recipients)
         self.sent = time.perf_counter()
+        if load.args.command == "bdat":  # the whole transaction in one write
+            head, rest = load.parts[rcpt_index]
+            data = head + b"%07d" % self.seq + rest
+            self.send(b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nBDAT %d LAST\r\n%s" % (
+                load.sender, load.recipients[rcpt_index], len(data), data), [250, 250, 250],
+                self.acked)
+            return
         self.send(b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n" % (
             load.sender, load.recipients[rcpt_index]), [250, 250, 354], self.body)
 
@@ -212,6 +221,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=2048, help="bytes per message")
     p.add_argument("--mode", choices=["one", "many"], default="one",
                    help="messages per connection: one, or many (until the count is used up)")
+    p.add_argument("--command", choices=["data", "bdat"], default="data",
+                   help="send each message with DATA, or as one BDAT LAST chunk")
     p.add_argument("--domain", default="bench.test")
     p.add_argument("--users", type=int, default=4, help="recipients user0..user<N-1>@domain")
     p.add_argument("--sender", default="sender@client.test")

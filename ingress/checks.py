@@ -9,7 +9,7 @@ from ingress.delivery import may_create_mailbox
 from ingress.reply import Reply
 
 CORE_PARAMETERS = {"MAIL": {"BODY", "SIZE"}, "RCPT": set()}
-BODY_VALUES = {"7BIT", "8BITMIME"}
+BODY_VALUES = {"7BIT", "8BITMIME", "BINARYMIME"}
 
 
 def _when_known(session, verb: str, check, *args):
@@ -44,7 +44,7 @@ def _check_mail(known: set[str], transaction) -> Reply | None:
     if reply is not None:
         return reply
     if "BODY" in params and (params["BODY"] or "").upper() not in BODY_VALUES:
-        return Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+        return Reply(501, "5.5.4", "BODY must be 7BIT, 8BITMIME or BINARYMIME")
     if "SIZE" in params and not (params["SIZE"] or "").isdigit():
         return Reply(501, "5.5.4", "SIZE must be a number of octets")
     return None

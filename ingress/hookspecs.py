@@ -186,8 +186,9 @@ def continue_after_disconnect(session, settings, state):
     ``True`` to process what it already sent and deliver it, ``False`` to discard. First
     non-``None`` result wins; without one the message is discarded.
 
-    Asked once per complete message (final dot received) before it is stored; what the client
-    sent before it closed (or reset) the connection is processed in order either way."""
+    Asked once per complete message (final dot or last BDAT chunk received) before it is
+    stored; what the client sent before it closed (or reset) the connection is processed in
+    order either way."""
 
 
 # --- transaction -----------------------------------------------------------------------------
@@ -228,7 +229,8 @@ def on_rcpt(session, transaction, recipient, settings, state):
 
 @hookspec
 def on_data(session, transaction, message, settings, state):
-    """The message was received (final dot). Decision hook: a ``Reply`` refuses the message.
+    """The message was received (the final dot of DATA, or the last BDAT chunk: plugins
+    cannot tell which). Decision hook: a ``Reply`` refuses the message.
 
     :param message: the :class:`ingress.spool.Message` (raw bytes as received, ``headers()``,
         ``oversized``). Plugins add headers with ``transaction.add_header(name, value)``.

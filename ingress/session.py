@@ -147,7 +147,7 @@ class Session:
         """Cut a slow DATA body: *t* seconds after its ``354`` it must have delivered at least
         ``octets_per_second * (t - grace)`` octets, else the client gets ``421 4.4.2 <hostname>
         Command timeout`` and is disconnected, like on the command timer (the core applies the
-        same check to each BDAT chunk, from its BDAT command, once it has BDAT). ``None`` or 0
+        same check to each BDAT chunk, from its BDAT command). ``None`` or 0
         turns it off. Plugins call this from ``on_connect``."""
         if octets_per_second:
             self.min_data_rate = (float(octets_per_second), float(grace))

@@ -130,6 +130,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         self._out: list[bytes] = []  # replies not yet handed to the transport (see _flush)
         self._on_command = self.hooks.has("on_command")
         self._on_reply = self.hooks.has("on_reply")
+        self._chunks: tuple[Transaction, Message] | None = None  # BDAT chunks received so far
 
     # --- transport events -------------------------------------------------------------------
 
@@ -246,7 +247,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         return None if due is None else (kind, due)
 
     def _start_data_rate(self) -> None:
-        """A DATA body (later also a BDAT chunk) starts: from now on it runs on the minimum data
+        """A DATA body or a BDAT chunk starts: from now on it runs on the minimum data
         rate too, if one is set (session.set_min_data_rate), until _stop_data_rate."""
         self._rate_from = (self.loop.time(), self._rx_octets - len(self._reader._buffer))
 
@@ -363,6 +364,7 @@ class SMTPProtocol(AiosmtpdSMTP):
             self._cancel_timer()
             self._release()
             self._close()
+            self._drop_chunks()
             await self._end()
 
     async def _end(self) -> None:
@@ -450,11 +452,15 @@ class SMTPProtocol(AiosmtpdSMTP):
             reply, plugin = await self.hooks.decide("on_command", session=self.session,
                                                     verb=verb, arg=arg)
             if reply is not None:
+                if verb == "BDAT" and not reply.close:  # its octets follow: read them first
+                    size = _bdat_size(arg)
+                    if size is not None and not await self._read_octets(size[0], None):
+                        return
                 await self.send(reply, plugin)
                 return
         method = COMMANDS.get(verb)
         if method is None or not verb.isalpha():
-            if verb in ("TURN", "ETRN", "SEND", "SAML", "SOML", "BDAT", "ATRN"):
+            if verb in ("TURN", "ETRN", "SEND", "SAML", "SOML", "ATRN"):
                 await self.send(Reply(502, "5.5.1", f"{verb} not implemented"))
             else:
                 await self.send(R_SYNTAX)
@@ -488,7 +494,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         session = self.session
         added = [kw for _, kws in await self.hooks.collect("ehlo_keywords", session=session)
                  for kw in kws]
-        keywords = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        keywords = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "CHUNKING", "BINARYMIME"]
         if not any(kw.upper().split()[0] == "SIZE" for kw in added):
             keywords.append("SIZE")
         if self.server.tls_context is not None and not session.tls:
@@ -576,6 +582,12 @@ class SMTPProtocol(AiosmtpdSMTP):
         if arg:
             await self.send(Reply(501, "5.5.4", "Syntax: DATA"))
             return
+        if self._chunks_of(transaction) is not None:
+            await self.send(Reply(503, "5.5.1", "DATA not allowed after BDAT"))
+            return
+        if (transaction.mail_params.get("BODY") or "").upper() == "BINARYMIME":
+            await self.send(Reply(503, "5.5.1", "BODY=BINARYMIME requires BDAT"))
+            return
         self._write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
         self._last_reply = self.loop.time()
         message = Message(self.server.spool_dir(self.config), transaction.data_limit)
@@ -626,6 +638,74 @@ class SMTPProtocol(AiosmtpdSMTP):
                 message.write(body)
             if end >= 0:
                 return True
+
+    async def cmd_bdat(self, arg: str) -> None:
+        """A chunk of the message (RFC 3030): exactly *n* octets, read before any reply."""
+        session = self.session
+        size = _bdat_size(arg)
+        if size is None:  # nothing is read: a size we cannot parse is no promise of octets
+            await self.send(Reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]"))
+            return
+        octets, last = size
+        transaction = session.transaction
+        error = None
+        if transaction is None:
+            error = Reply(503, "5.5.1", "Need MAIL command first")
+        elif not transaction.recipients:
+            error = Reply(503, "5.5.1", "Need RCPT command first")
+        if error is not None:
+            if await self._read_octets(octets, None):
+                await self.send(error)
+            return
+        message = self._chunks_of(transaction)
+        if message is None:
+            message = Message(self.server.spool_dir(self.config), transaction.data_limit)
+            self._chunks = (transaction, message)
+        if not await self._read_octets(octets, message) or self._aborted:
+            self._drop_chunks()  # an incomplete message is never delivered
+            return
+        if not last:
+            await self.send(Reply(250, "2.0.0", f"{octets} octets received"))
+            return
+        self._chunks = None
+        session.transaction = None
+        try:
+            await self._finish_message(transaction, message)
+        finally:
+            message.close()
+
+    async def _read_octets(self, count: int, message: Message | None) -> bool:
+        """Read exactly *count* octets (a BDAT chunk) into *message*, or throw them away when it
+        is None; on the command timer and the minimum data rate. False at end of stream."""
+        reader = self._reader
+        self._set_phase(INPUT)
+        if len(reader._buffer) < count:
+            self._flush()  # we are going to wait for the client
+        self._start_data_rate()
+        try:
+            while count:
+                data = await reader.read(min(count, READ_LIMIT))
+                if not data or self._aborted:
+                    return False
+                count -= len(data)
+                if message is not None:
+                    message.write(data)
+        finally:
+            self._stop_data_rate()
+        self._set_phase(BUSY)
+        return True
+
+    def _chunks_of(self, transaction: Transaction) -> Message | None:
+        """The BDAT chunks received for *transaction*, if any; chunks of an earlier
+        transaction (ended by RSET, EHLO, STARTTLS...) are dropped here."""
+        if self._chunks is not None and self._chunks[0] is not transaction:
+            self._drop_chunks()
+        return None if self._chunks is None else self._chunks[1]
+
+    def _drop_chunks(self) -> None:
+        if self._chunks is not None:
+            self._chunks[1].close()
+            self._chunks = None
 
     async def _finish_message(self, transaction: Transaction, message: Message) -> None:
         session = self.session
@@ -686,6 +766,7 @@ class SMTPProtocol(AiosmtpdSMTP):
 
     async def cmd_rset(self, arg: str) -> None:
         self.session.transaction = None
+        self._drop_chunks()
         await self.send(R_OK)
 
     async def cmd_noop(self, arg: str) -> None:
@@ -819,7 +900,18 @@ COMMANDS = {
     "NOOP": SMTPProtocol.cmd_noop, "QUIT": SMTPProtocol.cmd_quit, "VRFY": SMTPProtocol.cmd_vrfy,
     "EXPN": SMTPProtocol.cmd_expn, "HELP": SMTPProtocol.cmd_help,
     "STARTTLS": SMTPProtocol.cmd_starttls, "AUTH": SMTPProtocol.cmd_auth,
+    "BDAT": SMTPProtocol.cmd_bdat,
 }
+
+
+def _bdat_size(arg: str) -> tuple[int, bool] | None:
+    """``BDAT`` arguments as (octets, last), or None when they are not ``<digits> [LAST]``."""
+    words = [word for word in arg.split(" ") if word]
+    if not 1 <= len(words) <= 2 or (len(words) == 2 and words[1].upper() != "LAST"):
+        return None
+    if not (words[0].isascii() and words[0].isdigit()) or len(words[0]) > 20:
+        return None
+    return int(words[0]), len(words) == 2
 
 
 class _Gone(Exception):

@@ -56,3 +56,19 @@ def test_harness_runs_haraka_beside_ingress(tmp_path):
         assert "| 20 | 0 | - |" in rows[server], rows[server]  # all acknowledged, none stored
     cpu_vs_haraka = rows["ingress"].split(" | ")[-2]
     assert float(cpu_vs_haraka) > 0, rows["ingress"]
+
+
+def test_bdat_bench_runs_data_and_bdat_on_a_tiny_load(tmp_path):
+    script = RUN.parent / "bdat.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--rounds", "1", "--sessions", "2", "--messages-small",
+         "6", "--messages-large", "3", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    for size, count in (("2 KB", 6), ("100 KB", 3)):
+        for command in ("DATA", "BDAT"):
+            [row] = [r for r in rows if r.startswith(f"| {size} | {command} |")]
+            assert f"| {count} | 0 | ok |" in row, row
+    assert list(tmp_path.iterdir()) == [], "work folders removed"

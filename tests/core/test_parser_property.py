@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingress.smtp import COMMAND_LIMIT, parse_params, parse_path, valid_address
+from ingress.smtp import COMMAND_LIMIT, _bdat_size, parse_params, parse_path, valid_address
 from ingress.testing import SMTPRaw, server_config, start_subprocess
 
 PIECES = [
@@ -162,7 +162,14 @@ def test_every_reply_to_hostile_commands_is_well_formed(server, commands):
             else:
                 data = line.encode(encoding, "replace")
             data = data.replace(b"\r", b"").replace(b"\n", b"")
-            raw.send(data + b"\r\n")
+            octets = b""
+            if data[:5].upper() == b"BDAT " and len(data) + 2 <= COMMAND_LIMIT:
+                size = _bdat_size(data[5:].decode("utf-8", "surrogateescape").strip())
+                if size is not None:  # a valid BDAT is followed by its octets
+                    if size[0] > 4096:
+                        continue
+                    octets = b"x" * size[0]
+            raw.send(data + b"\r\n" + octets)
             got = []
             while True:  # read every line of the reply, checking each one's shape
                 got.append(raw._line().decode("utf-8", "replace"))
