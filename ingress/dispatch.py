@@ -1,5 +1,8 @@
 """Calling hooks: ordering, awaiting, first reply wins. Private to the core.
 
+The core calls every hook through :meth:`Hooks.call`, which runs the semantics the hook's
+specification declares (``ingress.hookspecs``: decide, first or collect).
+
 pluggy calls implementations synchronously and, for decision hooks, would run all of them. The
 core instead walks each hook's implementations itself, in a fixed order, one at a time; it awaits
 results that are awaitable and stops at the first ``Reply``, remembering which plugin gave it.
@@ -20,6 +23,7 @@ from typing import Any
 
 import pluggy
 
+from ingress import hookspecs
 from ingress.reply import Reply
 
 log = logging.getLogger("ingress.dispatch")
@@ -70,6 +74,18 @@ class Hooks:
         self._settings = settings
         self._builtins = builtins
         self._tables: dict[str, tuple[Impl, ...]] = {}
+
+    def call(self, hook: str, **kwargs: Any):
+        """Run *hook* as its specification declares; returns the awaitable of :meth:`decide`
+        (``(reply, plugin)``), :meth:`first` (``(result, plugin)``) or :meth:`collect`
+        (``[(plugin, result), ...]``)."""
+        return _RUNNERS[hook](self, hook, **kwargs)
+
+    def call_sync(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """:meth:`call` outside the event loop, for a collect hook (``config_schema``)."""
+        if _RUNNERS[hook] is not Hooks.collect:
+            raise ValueError(f"hook {hook} is not a collect hook: it cannot be called sync")
+        return self.collect_sync(hook, **kwargs)
 
     def impls(self, hook: str) -> tuple[Impl, ...]:
         table = self._tables.get(hook)
@@ -200,3 +216,10 @@ class Hooks:
             if result is not None:
                 results.append((impl.plugin, result))
         return results
+
+
+# Each hook's declared semantics, resolved once: call() costs one dict lookup.
+_RUNNERS = {
+    name: getattr(Hooks, hookspecs.semantics_of(name))
+    for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "ingress_spec")
+}

@@ -320,8 +320,8 @@ class SMTPProtocol(AiosmtpdSMTP):
         self._write(reply.wire())
         self._last_reply = self.loop.time()
         if self._on_reply:  # also for a closing reply: metrics count it
-            follow, _ = await self.hooks.decide("on_reply", session=self.session, reply=reply,
-                                                plugin=plugin)
+            follow, _ = await self.hooks.call("on_reply", session=self.session, reply=reply,
+                                              plugin=plugin)
             if follow is not None and not reply.close:
                 self._write(follow.wire())
                 if follow.close:
@@ -367,7 +367,7 @@ class SMTPProtocol(AiosmtpdSMTP):
     async def _end(self) -> None:
         session = self.session
         try:
-            await self.hooks.collect("on_disconnect", session=session)
+            await self.hooks.call("on_disconnect", session=session)
         finally:
             self.server.session_ended(self)
             log.info(
@@ -378,10 +378,10 @@ class SMTPProtocol(AiosmtpdSMTP):
 
     async def _greet(self) -> bool:
         session = self.session
-        await self.hooks.collect("connection_opened", session=session)
-        reply, plugin = await self.hooks.decide("on_connect", session=session)
+        await self.hooks.call("connection_opened", session=session)
+        reply, plugin = await self.hooks.call("on_connect", session=session)
         if reply is None:
-            text, _ = await self.hooks.first("greeting", session=session)
+            text, _ = await self.hooks.call("greeting", session=session)
             if not isinstance(text, str):  # none, or a failed plugin
                 text = f"{session.hostname} ESMTP"
             reply = Reply(220, "", text)
@@ -446,8 +446,8 @@ class SMTPProtocol(AiosmtpdSMTP):
             verb = ""
         arg = arg_bytes.decode("utf-8", "surrogateescape").strip()
         if self._on_command:
-            reply, plugin = await self.hooks.decide("on_command", session=self.session,
-                                                    verb=verb, arg=arg)
+            reply, plugin = await self.hooks.call("on_command", session=self.session,
+                                                  verb=verb, arg=arg)
             if reply is not None:
                 await self.send(reply, plugin)
                 return
@@ -468,8 +468,8 @@ class SMTPProtocol(AiosmtpdSMTP):
         if not arg or " " in arg or not arg.isprintable() or not arg.isascii():
             await self.send(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
             return
-        reply, plugin = await self.hooks.decide("on_helo", session=session, verb=verb,
-                                                hostname=arg)
+        reply, plugin = await self.hooks.call("on_helo", session=session, verb=verb,
+                                              hostname=arg)
         if reply is not None and not reply.is_positive:  # vouched: the core still greets
             await self.send(reply, plugin)
             return
@@ -485,7 +485,7 @@ class SMTPProtocol(AiosmtpdSMTP):
 
     async def ehlo_keywords(self) -> list[str]:
         session = self.session
-        added = [kw for _, kws in await self.hooks.collect("ehlo_keywords", session=session)
+        added = [kw for _, kws in await self.hooks.call("ehlo_keywords", session=session)
                  for kw in kws]
         keywords = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]
         if not any(kw.upper().split()[0] == "SIZE" for kw in added):
@@ -498,7 +498,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         return keywords + added
 
     async def auth_mechanisms(self) -> list:
-        return [m for _, ms in await self.hooks.collect("auth_mechanisms", session=self.session)
+        return [m for _, ms in await self.hooks.call("auth_mechanisms", session=self.session)
                 for m in ms]
 
     async def cmd_mail(self, arg: str) -> None:
@@ -522,8 +522,8 @@ class SMTPProtocol(AiosmtpdSMTP):
             return
         params, error = parse_params(params_text)
         transaction = Transaction(address, params, param_error=error)
-        reply, plugin = await self.hooks.decide("on_mail_from", session=session,
-                                                transaction=transaction)
+        reply, plugin = await self.hooks.call("on_mail_from", session=session,
+                                              transaction=transaction)
         if reply is not None and not reply.is_positive:
             await self.send(reply, plugin)
             return
@@ -555,8 +555,8 @@ class SMTPProtocol(AiosmtpdSMTP):
         params, error = parse_params(params_text)
         recipient = Recipient(address, params, session.directory.is_local_address(address),
                               param_error=error)
-        reply, plugin = await self.hooks.decide("on_rcpt", session=session,
-                                                transaction=transaction, recipient=recipient)
+        reply, plugin = await self.hooks.call("on_rcpt", session=session,
+                                              transaction=transaction, recipient=recipient)
         if reply is not None and not reply.is_positive:
             await self.send(reply, plugin)
             return
@@ -629,8 +629,8 @@ class SMTPProtocol(AiosmtpdSMTP):
     async def _finish_message(self, transaction: Transaction, message: Message) -> None:
         session = self.session
         self._set_phase(BUSY)
-        vouched, voucher = await self.hooks.decide("on_data", session=session,
-                                                   transaction=transaction, message=message)
+        vouched, voucher = await self.hooks.call("on_data", session=session,
+                                                 transaction=transaction, message=message)
         if vouched is not None and not vouched.is_positive:
             await self.send(vouched, voucher)
             return
@@ -640,8 +640,8 @@ class SMTPProtocol(AiosmtpdSMTP):
         if await self._client_gone() and not await self._continue_after_disconnect():
             log.info("queue id %s: client gone before storing: discarded", transaction.id)
             return
-        result, plugin = await self.hooks.first("deliver", session=session,
-                                                transaction=transaction, message=message)
+        result, plugin = await self.hooks.call("deliver", session=session,
+                                               transaction=transaction, message=message)
         if isinstance(result, Reply):
             await self.send(result, plugin or "core")
             return
@@ -661,8 +661,8 @@ class SMTPProtocol(AiosmtpdSMTP):
         await self.send(vouched or Reply(250, "2.0.0", f"OK: queued as {transaction.id}"),
                         voucher or "core")
         self._flush()  # the client need not wait for what plugins do after delivery
-        await self.hooks.collect("after_delivery", session=session, transaction=transaction,
-                                 message=message, delivered=result)
+        await self.hooks.call("after_delivery", session=session, transaction=transaction,
+                              message=message, delivered=result)
 
     async def _client_gone(self) -> bool:
         """Whether the client's end of stream has been seen. A FIN or RST that arrived with
@@ -675,7 +675,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         return self._eof
 
     async def _continue_after_disconnect(self) -> bool:
-        decision, _ = await self.hooks.first("continue_after_disconnect", session=self.session)
+        decision, _ = await self.hooks.call("continue_after_disconnect", session=self.session)
         return decision is True
 
     async def cmd_rset(self, arg: str) -> None:
@@ -697,8 +697,8 @@ class SMTPProtocol(AiosmtpdSMTP):
         if not arg:
             await self.send(Reply(501, "5.5.4", "Syntax: VRFY address"))
             return
-        reply, plugin = await self.hooks.decide("on_vrfy", session=self.session,
-                                                address=arg.strip("<>"))
+        reply, plugin = await self.hooks.call("on_vrfy", session=self.session,
+                                              address=arg.strip("<>"))
         await self.send(reply or Reply(
             252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"),
             plugin or "core")
@@ -707,8 +707,8 @@ class SMTPProtocol(AiosmtpdSMTP):
         if not arg:
             await self.send(Reply(501, "5.5.4", "Syntax: EXPN address"))
             return
-        reply, plugin = await self.hooks.decide("on_expn", session=self.session,
-                                                address=arg.strip("<>"))
+        reply, plugin = await self.hooks.call("on_expn", session=self.session,
+                                              address=arg.strip("<>"))
         await self.send(reply or Reply(502, "5.5.1", "EXPN not available"), plugin or "core")
 
     async def cmd_starttls(self, arg: str) -> None:
@@ -774,7 +774,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         if mechanism is None:
             await self.send(Reply(504, "5.5.4", "Unrecognized authentication type"))
             return
-        reply, plugin = await self.hooks.decide("on_auth", session=session, mechanism=name)
+        reply, plugin = await self.hooks.call("on_auth", session=session, mechanism=name)
         if reply is not None and not reply.is_positive:  # vouched: the exchange still runs
             await self.send(reply, plugin)
             return
