@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ingress.server import Server
 
 log = logging.getLogger("ingress.smtp")
+refusal_log = logging.getLogger("ingress.refusals")  # one line per 4xx/5xx reply
 
 READ_LIMIT = 1 << 18  # stream buffer; DATA is read in chunks of up to this size
 COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
@@ -130,6 +131,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         self._out: list[bytes] = []  # replies not yet handed to the transport (see _flush)
         self._on_command = self.hooks.has("on_command")
         self._on_reply = self.hooks.has("on_reply")
+        self._verb = "CONNECT"  # the command being answered (the connection, before any)
 
     # --- transport events -------------------------------------------------------------------
 
@@ -319,11 +321,15 @@ class SMTPProtocol(AiosmtpdSMTP):
     async def send(self, reply: Reply, plugin: str = "core") -> None:
         self._write(reply.wire())
         self._last_reply = self.loop.time()
+        if reply.code >= 400:
+            self._log_refusal(reply, plugin)
         if self._on_reply:  # also for a closing reply: metrics count it
-            follow, _ = await self.hooks.call("on_reply", session=self.session, reply=reply,
-                                              plugin=plugin)
+            follow, by = await self.hooks.call("on_reply", session=self.session, reply=reply,
+                                               plugin=plugin)
             if follow is not None and not reply.close:
                 self._write(follow.wire())
+                if follow.code >= 400:
+                    self._log_refusal(follow, by)
                 if follow.close:
                     self.abort(None)
                     return
@@ -340,6 +346,17 @@ class SMTPProtocol(AiosmtpdSMTP):
             except ConnectionError:
                 pass
             self._set_phase(BUSY)
+
+    def _log_refusal(self, reply: Reply, plugin: str) -> None:
+        """One log line per refusal: the plugin (``core`` for the protocol's own), the command
+        and the reply; the JSON log format also gets them as fields."""
+        if refusal_log.isEnabledFor(logging.INFO):
+            session = self.session
+            refusal_log.info(
+                "session %s %s %s refused by %s: %s", session.id, session.peer_ip, self._verb,
+                plugin, reply, extra={"fields": {
+                    "session": session.id, "client": session.peer_ip, "command": self._verb,
+                    "plugin": plugin, "code": reply.code, "enhanced": reply.enhanced}})
 
     # --- the session --------------------------------------------------------------------------
 
@@ -386,8 +403,6 @@ class SMTPProtocol(AiosmtpdSMTP):
                 text = f"{session.hostname} ESMTP"
             reply = Reply(220, "", text)
         elif reply.close or reply.code >= 400:
-            log.info("session %s %s refused by %s: %s", session.id, session.peer_ip, plugin,
-                     reply)
             await self.send(dataclasses.replace(reply, close=True), plugin)
             return False
         self._write(reply.wire())
@@ -433,6 +448,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         return line
 
     async def _dispatch(self, line: bytes) -> None:
+        self._verb = "?"  # not known yet
         if line == b"\0too-long":
             await self.send(R_LINE_TOO_LONG)
             return
@@ -445,6 +461,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         except UnicodeDecodeError:
             verb = ""
         arg = arg_bytes.decode("utf-8", "surrogateescape").strip()
+        self._verb = verb if verb.isalpha() and len(verb) <= 16 else "?"  # safe in a log line
         if self._on_command:
             reply, plugin = await self.hooks.call("on_command", session=self.session,
                                                   verb=verb, arg=arg)
@@ -458,7 +475,6 @@ class SMTPProtocol(AiosmtpdSMTP):
             else:
                 await self.send(R_SYNTAX)
             return
-        self._verb = verb
         await method(self, arg)
 
     # --- commands -----------------------------------------------------------------------------

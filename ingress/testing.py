@@ -279,7 +279,7 @@ def _import_path() -> list[str]:
 
 def start_subprocess(
     config: dict, workdir: Path, *, env: dict | None = None, disabled: tuple[str, ...] = (),
-    args: tuple[str, ...] = (),
+    args: tuple[str, ...] = (), log_format: str = "text",
 ) -> SubprocessServer:
     """Write *config* as JSON in *workdir* and run ``python -m ingress serve`` on it."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -294,7 +294,8 @@ def start_subprocess(
         full_env["INGRESS_DISABLE_PLUGINS"] = ",".join(disabled)
     log_file = open(log_path, "wb")  # noqa: SIM115 - the child writes to it until it exits
     process = subprocess.Popen(
-        [sys.executable, "-m", "ingress", "serve", "--config", str(config_path), *args],
+        [sys.executable, "-m", "ingress", "--log-format", log_format, "serve", "--config",
+         str(config_path), *args],
         stdout=subprocess.PIPE, stderr=log_file, cwd=workdir, env=full_env,
     )
     log_file.close()
@@ -394,16 +395,18 @@ def start_inprocess(config: dict, workdir: Path, plugins: dict[str, object] | No
 
 @pytest.fixture
 def ingress_server(tmp_path):
-    """Factory: ``ingress_server(config=None, *, env=None, disabled=(), args=())`` starts a
-    subprocess server (``args``: more options for ``ingress serve``, e.g. ``--no-uvloop``) and
-    returns a :class:`SubprocessServer`; every server is stopped after the test."""
+    """Factory: ``ingress_server(config=None, *, env=None, disabled=(), args=(),
+    log_format="text")`` starts a subprocess server (``args``: more options for ``ingress serve``,
+    e.g. ``--no-uvloop``; ``log_format="json"`` for JSON log lines) and returns a
+    :class:`SubprocessServer`; every server is stopped after the test."""
     started: list[SubprocessServer] = []
 
     def start(config: dict | None = None, *, env: dict | None = None,
               disabled: tuple[str, ...] = (), name: str = "server",
-              args: tuple[str, ...] = ()) -> SubprocessServer:
+              args: tuple[str, ...] = (), log_format: str = "text") -> SubprocessServer:
         full = server_config(tmp_path / name, config)
-        server = start_subprocess(full, tmp_path / name, env=env, disabled=disabled, args=args)
+        server = start_subprocess(full, tmp_path / name, env=env, disabled=disabled, args=args,
+                                  log_format=log_format)
         started.append(server)
         return server
 
