@@ -79,11 +79,11 @@ class Hooks:
         """Run *hook* as its specification declares; returns the awaitable of :meth:`decide`
         (``(reply, plugin)``), :meth:`first` (``(result, plugin)``) or :meth:`collect`
         (``[(plugin, result), ...]``)."""
-        return _RUNNERS[hook](self, hook, **kwargs)
+        return _RUNNERS[hook](self, hook, kwargs)
 
     def call_sync(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """:meth:`call` outside the event loop, for a collect hook (``config_schema``)."""
-        if _RUNNERS[hook] is not Hooks.collect:
+        if _RUNNERS[hook] is not Hooks._collect:
             raise ValueError(f"hook {hook} is not a collect hook: it cannot be called sync")
         return self.collect_sync(hook, **kwargs)
 
@@ -141,7 +141,17 @@ class Hooks:
         else:
             log.error("plugin %s failed in %s", impl.plugin, hook, exc_info=exc)
 
-    async def decide(self, hook: str, **kwargs: Any) -> tuple[Reply | None, str | None]:
+    # The semantics by name, whatever a hook declares (tests); the core uses call().
+    def decide(self, hook: str, **kwargs: Any):
+        return self._decide(hook, kwargs)
+
+    def first(self, hook: str, **kwargs: Any):
+        return self._first(hook, kwargs)
+
+    def collect(self, hook: str, **kwargs: Any):
+        return self._collect(hook, kwargs)
+
+    async def _decide(self, hook: str, kwargs: dict[str, Any]) -> tuple[Reply | None, str | None]:
         """Run a decision hook: the first refusal wins. Returns ``(reply, plugin)``.
 
         A positive ``Reply`` (2xx/3xx) from a builtin is the answer. One from a third-party
@@ -172,7 +182,7 @@ class Hooks:
                 return result, impl.plugin
         return vouched or (None, None)
 
-    async def first(self, hook: str, **kwargs: Any) -> tuple[Any, str | None]:
+    async def _first(self, hook: str, kwargs: dict[str, Any]) -> tuple[Any, str | None]:
         """Run until an implementation returns something other than ``None``. A failing
         implementation ends the walk with ``(FAILED, plugin)``."""
         for impl in self.impls(hook):
@@ -189,7 +199,7 @@ class Hooks:
                 return result, impl.plugin
         return None, None
 
-    async def collect(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+    async def _collect(self, hook: str, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
         """Run every implementation; return ``(plugin, result)`` for each non-``None`` result.
         A failing implementation is logged and skipped."""
         results = []
@@ -220,6 +230,6 @@ class Hooks:
 
 # Each hook's declared semantics, resolved once: call() costs one dict lookup.
 _RUNNERS = {
-    name: getattr(Hooks, hookspecs.semantics_of(name))
+    name: getattr(Hooks, "_" + hookspecs.semantics_of(name))
     for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "ingress_spec")
 }
