@@ -24,7 +24,7 @@ def _when_known(session, verb: str, check, *args):
 
 async def _learn(session, verb: str, check, *args):
     names = set(CORE_PARAMETERS[verb])
-    for _, found in await session.config.hooks.collect("esmtp_parameters", session=session,
+    for _, found in await session.config.hooks.call("esmtp_parameters", session=session,
                                                        verb=verb):
         names.update(n.upper() for n in found)
     session.notes.setdefault("params", {})[verb] = names

@@ -77,6 +77,8 @@ class JSONFormatter(logging.Formatter):
             "pid": record.process,
             "message": record.getMessage(),
         }
+        for key, value in getattr(record, "fields", {}).items():  # logged with extra={"fields"}
+            entry.setdefault(key, value)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -513,7 +513,7 @@ def build(raw: Any, path: Path | None, base_dir: Path,
     builtins = {i.name for i in infos if i.is_builtin}
     schema_hooks = Hooks(pm, {}, builtins)
     plugin_schemas: dict[str, dict | None] = {i.name: None for i in infos}
-    plugin_schemas.update(schema_hooks.collect_sync("config_schema"))
+    plugin_schemas.update(schema_hooks.call_sync("config_schema"))
     schema = merged_schema(plugin_schemas)
 
     problems = schema_errors(schema, raw)
@@ -582,5 +582,5 @@ def full_schema() -> dict:
         manager.register(pm, info)
     hooks = Hooks(pm, {}, {i.name for i in infos if i.is_builtin})
     schemas: dict[str, dict | None] = {i.name: None for i in infos}
-    schemas.update(hooks.collect_sync("config_schema"))
+    schemas.update(hooks.call_sync("config_schema"))
     return merged_schema(schemas)

@@ -1,5 +1,8 @@
 """Calling hooks: ordering, awaiting, first reply wins. Private to the core.
 
+The core calls every hook through :meth:`Hooks.call`, which runs the semantics the hook's
+specification declares (``ingress.hookspecs``: decide, first or collect).
+
 pluggy calls implementations synchronously and, for decision hooks, would run all of them. The
 core instead walks each hook's implementations itself, in a fixed order, one at a time; it awaits
 results that are awaitable and stops at the first ``Reply``, remembering which plugin gave it.
@@ -20,6 +23,7 @@ from typing import Any
 
 import pluggy
 
+from ingress import hookspecs
 from ingress.errors import IngressError
 from ingress.reply import Reply
 from ingress.state import StateUnavailable
@@ -73,6 +77,18 @@ class Hooks:
         self._settings = settings
         self._builtins = builtins
         self._tables: dict[str, tuple[Impl, ...]] = {}
+
+    def call(self, hook: str, **kwargs: Any):
+        """Run *hook* as its specification declares; returns the awaitable of :meth:`decide`
+        (``(reply, plugin)``), :meth:`first` (``(result, plugin)``) or :meth:`collect`
+        (``[(plugin, result), ...]``)."""
+        return _RUNNERS[hook](self, hook, kwargs)
+
+    def call_sync(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """:meth:`call` outside the event loop, for a collect hook (``config_schema``)."""
+        if _RUNNERS[hook] is not Hooks._collect:
+            raise ValueError(f"hook {hook} is not a collect hook: it cannot be called sync")
+        return self.collect_sync(hook, **kwargs)
 
     def impls(self, hook: str) -> tuple[Impl, ...]:
         table = self._tables.get(hook)
@@ -133,7 +149,17 @@ class Hooks:
         else:
             log.error("plugin %s failed in %s", impl.plugin, hook, exc_info=exc)
 
-    async def decide(self, hook: str, **kwargs: Any) -> tuple[Reply | None, str | None]:
+    # The semantics by name, whatever a hook declares (tests); the core uses call().
+    def decide(self, hook: str, **kwargs: Any):
+        return self._decide(hook, kwargs)
+
+    def first(self, hook: str, **kwargs: Any):
+        return self._first(hook, kwargs)
+
+    def collect(self, hook: str, **kwargs: Any):
+        return self._collect(hook, kwargs)
+
+    async def _decide(self, hook: str, kwargs: dict[str, Any]) -> tuple[Reply | None, str | None]:
         """Run a decision hook: the first refusal wins. Returns ``(reply, plugin)``.
 
         A positive ``Reply`` (2xx/3xx) from a builtin is the answer. One from a third-party
@@ -164,7 +190,7 @@ class Hooks:
                 return result, impl.plugin
         return vouched or (None, None)
 
-    async def first(self, hook: str, **kwargs: Any) -> tuple[Any, str | None]:
+    async def _first(self, hook: str, kwargs: dict[str, Any]) -> tuple[Any, str | None]:
         """Run until an implementation returns something other than ``None``. A failing
         implementation ends the walk with ``(FAILED, plugin)``."""
         for impl in self.impls(hook):
@@ -181,7 +207,7 @@ class Hooks:
                 return result, impl.plugin
         return None, None
 
-    async def collect(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+    async def _collect(self, hook: str, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
         """Run every implementation; return ``(plugin, result)`` for each non-``None`` result.
         A failing implementation is logged and skipped."""
         results = []
@@ -222,3 +248,10 @@ class Hooks:
             if result is not None:
                 results.append((impl.plugin, result))
         return results
+
+
+# Each hook's declared semantics, resolved once: call() costs one dict lookup.
+_RUNNERS = {
+    name: getattr(Hooks, "_" + hookspecs.semantics_of(name))
+    for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "ingress_spec")
+}

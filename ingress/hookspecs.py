@@ -4,13 +4,18 @@ Plugin authors read this module; they import :data:`ingress.hookimpl`, not these
 
 How hooks are called
 --------------------
+* Each specification declares how the core calls it: ``@spec(DECIDE)``, ``@spec(FIRST)`` or
+  ``@spec(COLLECT)`` (below); the dispatcher reads the declaration, call sites name only the hook.
+  The annotations say what each argument is and what an implementation returns (an ``async def``
+  implementation returns it from its coroutine).
 * Every hook receives ``settings``: the plugin's own config section (``[plugins.<name>]``), already
   validated and defaulted. A hook implementation may declare any subset of the arguments.
-* Every hook but ``config_schema`` may also declare ``state``: the plugin's own
-  :class:`ingress.state.Store` (``server.state``: in memory, or on Redis shared by every worker
-  and node), a key-value store with expiry whose keys no other plugin sees. An operation that
-  fails or takes over ``server.state_timeout`` raises :class:`ingress.state.StateUnavailable`
-  and the hook fails closed (``451 4.3.0``; the outage is logged once, not per command).
+* Every hook but ``config_schema``, ``startup`` and ``shutdown`` may also declare ``state``: the
+  plugin's own :class:`ingress.state.Store` (``server.state``: in memory, or on Redis shared by
+  every worker and node), a key-value store with expiry whose keys no other plugin sees. An
+  operation that fails or takes over ``server.state_timeout`` raises
+  :class:`ingress.state.StateUnavailable` and the hook fails closed (``451 4.3.0``; the outage is
+  logged once, not per command).
 * Any implementation may be ``async def``; the core awaits it. Plain functions are called without
   creating a coroutine. A plain function that only sometimes has to wait may return an awaitable
   (e.g. a coroutine) in those cases; the core awaits it like an ``async def`` result.
@@ -30,15 +35,57 @@ How hooks are called
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import pluggy
 
+if TYPE_CHECKING:
+    from ingress.auth import Mechanism
+    from ingress.config import Config
+    from ingress.delivery import Delivered
+    from ingress.reply import Reply
+    from ingress.session import Recipient, Session, Transaction
+    from ingress.spool import Message
+    from ingress.state import Store
+
 hookspec = pluggy.HookspecMarker("ingress")
+
+# How the core calls a hook, declared with its specification (see spec()) and carried out by
+# ingress.dispatch.Hooks.call.
+DECIDE = "decide"  # a decision: implementations one at a time, the first refusal wins
+FIRST = "first"  # the first non-None result wins, the rest do not run
+COLLECT = "collect"  # every implementation runs; the non-None results are used (or ignored)
+SEMANTICS = (DECIDE, FIRST, COLLECT)
+
+
+def spec(semantics: str):
+    """Mark a function as a hook specification that the core calls with *semantics*."""
+    if semantics not in SEMANTICS:
+        raise ValueError(f"unknown hook semantics {semantics!r}")
+
+    def mark(function):
+        function.ingress_semantics = semantics
+        return hookspec(function)
+
+    return mark
+
+
+def semantics_of(name: str) -> str:
+    """The declared semantics of the hook *name* (``KeyError`` for an unknown hook)."""
+    function = globals().get(name)
+    if function is None or not hasattr(function, "ingress_spec"):
+        raise KeyError(f"no hook named {name!r}")
+    if not hasattr(function, "ingress_semantics"):
+        raise TypeError(f"hook {name} declares no semantics: mark it @spec(DECIDE), "
+                        "@spec(FIRST) or @spec(COLLECT), not @hookspec")
+    return function.ingress_semantics
+
 
 # --- lifecycle -------------------------------------------------------------------------------
 
 
-@hookspec
-def config_schema(settings):
+@spec(COLLECT)
+def config_schema(settings: None) -> dict[str, Any] | None:
     """Return the JSON Schema (draft 2020-12, a dict) of this plugin's config section.
 
     Called once per config load, before validation (``settings`` is then ``None``). Return
@@ -47,8 +94,8 @@ def config_schema(settings):
     """
 
 
-@hookspec
-def ehlo_keywords(session, settings, state):
+@spec(COLLECT)
+def ehlo_keywords(session: Session, settings: dict[str, Any], state: Store) -> list[str] | None:
     """Return extension keywords this plugin adds to the EHLO reply (a list of strings).
 
     :param session: the :class:`ingress.session.Session`.
@@ -56,8 +103,14 @@ def ehlo_keywords(session, settings, state):
     """
 
 
-@hookspec
-def esmtp_parameters(session, verb, settings, state):
+@spec(COLLECT)
+def esmtp_parameters(
+    session: Session,
+    verb: str,
+    settings: dict[str,
+    Any],
+    state: Store,
+) -> list[str] | None:
     """Return the MAIL or RCPT parameter names (upper case) this plugin understands.
 
     :param verb: ``"MAIL"`` or ``"RCPT"``.
@@ -66,8 +119,8 @@ def esmtp_parameters(session, verb, settings, state):
     """
 
 
-@hookspec
-def greeting(session, settings, state):
+@spec(FIRST)
+def greeting(session: Session, settings: dict[str, Any], state: Store) -> str | None:
     """Return the greeting text (without ``220``), or ``None``. First non-``None`` result wins.
 
     Runs after ``on_connect`` has not refused the connection. Without any implementation the
@@ -75,8 +128,8 @@ def greeting(session, settings, state):
     """
 
 
-@hookspec
-def startup(config, settings):
+@spec(COLLECT)
+def startup(config: Config, settings: dict[str, Any]) -> None:
     """The server (each worker process, after the fork) is about to open its listeners. All
     implementations run, in order; may be ``async def``. Connect to outside services here.
 
@@ -87,8 +140,8 @@ def startup(config, settings):
     """
 
 
-@hookspec
-def shutdown(settings):
+@spec(COLLECT)
+def shutdown(settings: dict[str, Any]) -> None:
     """The server has drained its sessions and is about to exit. All implementations run; close
     connections cleanly here. Errors are logged."""
 
@@ -96,16 +149,16 @@ def shutdown(settings):
 # --- connection ------------------------------------------------------------------------------
 
 
-@hookspec
-def connection_opened(session, settings, state):
+@spec(COLLECT)
+def connection_opened(session: Session, settings: dict[str, Any], state: Store) -> None:
     """A client connected; runs before ``on_connect`` decides anything. All implementations run;
     return values are ignored. The counterpart of ``on_disconnect``: each runs exactly once per
     connection, whatever ``on_connect`` answers, so observers (counters, logs) see every
     connection, refused ones included. Not for decisions: use ``on_connect``."""
 
 
-@hookspec
-def on_connect(session, settings, state):
+@spec(DECIDE)
+def on_connect(session: Session, settings: dict[str, Any], state: Store) -> Reply | None:
     """A client connected. Decision hook: a ``Reply`` replaces the greeting (e.g. ``421`` with
     ``close=True``); a refusal ends the hook: the implementations after it do not run (a plugin
     that only wants another greeting text implements ``greeting``).
@@ -118,14 +171,21 @@ def on_connect(session, settings, state):
     """
 
 
-@hookspec
-def on_disconnect(session, settings, state):
+@spec(COLLECT)
+def on_disconnect(session: Session, settings: dict[str, Any], state: Store) -> None:
     """The connection is gone (client quit, was cut, or timed out). All implementations run;
     return values are ignored. Runs exactly once per connection."""
 
 
-@hookspec
-def on_command(session, verb, arg, settings, state):
+@spec(DECIDE)
+def on_command(
+    session: Session,
+    verb: str,
+    arg: str,
+    settings: dict[str,
+    Any],
+    state: Store,
+) -> Reply | None:
     """A complete command line arrived (any verb, also unknown ones). Decision hook: a ``Reply``
     answers the command instead of the core.
 
@@ -134,8 +194,15 @@ def on_command(session, verb, arg, settings, state):
     """
 
 
-@hookspec
-def on_reply(session, reply, plugin, settings, state):
+@spec(DECIDE)
+def on_reply(
+    session: Session,
+    reply: Reply,
+    plugin: str,
+    settings: dict[str,
+    Any],
+    state: Store,
+) -> Reply | None:
     """A reply is about to be sent. Decision hook: a ``Reply`` returned here is sent *after*
     ``reply`` (e.g. ``421 ... close``) — used to count errors.
 
@@ -144,8 +211,15 @@ def on_reply(session, reply, plugin, settings, state):
     """
 
 
-@hookspec
-def on_helo(session, verb, hostname, settings, state):
+@spec(DECIDE)
+def on_helo(
+    session: Session,
+    verb: str,
+    hostname: str,
+    settings: dict[str,
+    Any],
+    state: Store,
+) -> Reply | None:
     """HELO or EHLO. Decision hook: a ``Reply`` refuses it.
 
     :param verb: ``"HELO"`` or ``"EHLO"``.
@@ -153,8 +227,13 @@ def on_helo(session, verb, hostname, settings, state):
     """
 
 
-@hookspec
-def auth_mechanisms(session, settings, state):
+@spec(COLLECT)
+def auth_mechanisms(
+    session: Session,
+    settings: dict[str,
+    Any],
+    state: Store,
+) -> list[Mechanism] | None:
     """Return a list of :class:`ingress.auth.Mechanism` this plugin offers on this session.
 
     All results are used. A mechanism with ``advertised=False`` is known but not offered; the
@@ -162,26 +241,37 @@ def auth_mechanisms(session, settings, state):
     """
 
 
-@hookspec
-def on_auth(session, mechanism, settings, state):
+@spec(DECIDE)
+def on_auth(
+    session: Session,
+    mechanism: str,
+    settings: dict[str,
+    Any],
+    state: Store,
+) -> Reply | None:
     """AUTH <mechanism> was asked for. Decision hook: a ``Reply`` refuses it before the exchange.
 
     :param mechanism: the upper-cased mechanism name.
     """
 
 
-@hookspec
-def on_vrfy(session, address, settings, state):
+@spec(DECIDE)
+def on_vrfy(session: Session, address: str, settings: dict[str, Any], state: Store) -> Reply | None:
     """VRFY <address>. Decision hook; without a reply the core answers ``252 2.5.2``."""
 
 
-@hookspec
-def on_expn(session, address, settings, state):
+@spec(DECIDE)
+def on_expn(session: Session, address: str, settings: dict[str, Any], state: Store) -> Reply | None:
     """EXPN <address>. Decision hook; without a reply the core answers ``502 5.5.1``."""
 
 
-@hookspec
-def continue_after_disconnect(session, settings, state):
+@spec(FIRST)
+def continue_after_disconnect(
+    session: Session,
+    settings: dict[str,
+    Any],
+    state: Store,
+) -> bool | None:
     """The client's end-of-stream was seen while messages are still to be processed. Return
     ``True`` to process what it already sent and deliver it, ``False`` to discard. First
     non-``None`` result wins; without one the message is discarded.
@@ -194,8 +284,14 @@ def continue_after_disconnect(session, settings, state):
 # --- transaction -----------------------------------------------------------------------------
 
 
-@hookspec
-def may_relay(session, transaction, address, settings, state) -> bool | None:
+@spec(FIRST)
+def may_relay(
+    session: Session,
+    transaction: Transaction | None,
+    address: str,
+    settings: dict[str, Any],
+    state: Store,
+) -> bool | None:
     """May this session send mail to *address* (a ``str``, not necessarily a recipient it
     named)? Return ``True`` (yes), ``False`` (no) or ``None`` (no opinion). First non-``None``
     result wins; without one the answer is no.
@@ -208,9 +304,13 @@ def may_relay(session, transaction, address, settings, state) -> bool | None:
     """
 
 
-
-@hookspec
-def on_mail_from(session, transaction, settings, state):
+@spec(DECIDE)
+def on_mail_from(
+    session: Session,
+    transaction: Transaction,
+    settings: dict[str, Any],
+    state: Store,
+) -> Reply | None:
     """MAIL FROM. Decision hook.
 
     :param transaction: the new :class:`ingress.session.Transaction` (``mail_from``,
@@ -218,8 +318,14 @@ def on_mail_from(session, transaction, settings, state):
     """
 
 
-@hookspec
-def on_rcpt(session, transaction, recipient, settings, state):
+@spec(DECIDE)
+def on_rcpt(
+    session: Session,
+    transaction: Transaction,
+    recipient: Recipient,
+    settings: dict[str, Any],
+    state: Store,
+) -> Reply | None:
     """RCPT TO. Decision hook.
 
     :param recipient: the :class:`ingress.session.Recipient` (``address``, ``params``, ``local``);
@@ -227,8 +333,14 @@ def on_rcpt(session, transaction, recipient, settings, state):
     """
 
 
-@hookspec
-def on_data(session, transaction, message, settings, state):
+@spec(DECIDE)
+def on_data(
+    session: Session,
+    transaction: Transaction,
+    message: Message,
+    settings: dict[str, Any],
+    state: Store,
+) -> Reply | None:
     """The message was received (the final dot of DATA, or the last BDAT chunk: plugins
     cannot tell which). Decision hook: a ``Reply`` refuses the message.
 
@@ -240,8 +352,14 @@ def on_data(session, transaction, message, settings, state):
 # --- delivery --------------------------------------------------------------------------------
 
 
-@hookspec
-def deliver(session, transaction, message, settings, state):
+@spec(FIRST)
+def deliver(
+    session: Session,
+    transaction: Transaction,
+    message: Message,
+    settings: dict[str, Any],
+    state: Store,
+) -> Delivered | Reply | None:
     """Store the message durably. First non-``None`` result wins; the builtin Maildir/queue
     delivery runs last.
 
@@ -251,7 +369,14 @@ def deliver(session, transaction, message, settings, state):
     """
 
 
-@hookspec
-def after_delivery(session, transaction, message, delivered, settings, state):
+@spec(COLLECT)
+def after_delivery(
+    session: Session,
+    transaction: Transaction,
+    message: Message,
+    delivered: Delivered,
+    settings: dict[str, Any],
+    state: Store,
+) -> None:
     """The message was stored and ``250`` is on its way. All implementations run; errors are
     logged, never shown to the client (e.g. success DSNs)."""

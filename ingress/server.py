@@ -319,7 +319,7 @@ class Server:
                 await asyncio.wait_for(self._idle.wait(), 5)
             except asyncio.TimeoutError:
                 log.warning("%d session(s) did not end", len(self.protocols))
-        await self.config.hooks.collect("shutdown")
+        await self.config.hooks.call("shutdown")
 
 
 def print_lines(lines: list[str]) -> None:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ingress.server import Server
 
 log = logging.getLogger("ingress.smtp")
+refusal_log = logging.getLogger("ingress.refusals")  # one line per 4xx/5xx reply
 
 READ_LIMIT = 1 << 18  # stream buffer; DATA is read in chunks of up to this size
 COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
@@ -131,6 +132,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         self._on_command = self.hooks.has("on_command")
         self._on_reply = self.hooks.has("on_reply")
         self._chunks: tuple[Transaction, Message] | None = None  # BDAT chunks received so far
+        self._verb = "CONNECT"  # the command being answered (the connection, before any)
 
     # --- transport events -------------------------------------------------------------------
 
@@ -321,11 +323,15 @@ class SMTPProtocol(AiosmtpdSMTP):
     async def send(self, reply: Reply, plugin: str = "core") -> None:
         self._write(reply.wire())
         self._last_reply = self.loop.time()
+        if reply.code >= 400:
+            self._log_refusal(reply, plugin)
         if self._on_reply:  # also for a closing reply: metrics count it
-            follow, _ = await self.hooks.decide("on_reply", session=self.session, reply=reply,
+            follow, by = await self.hooks.call("on_reply", session=self.session, reply=reply,
                                                 plugin=plugin)
             if follow is not None and not reply.close:
                 self._write(follow.wire())
+                if follow.code >= 400:
+                    self._log_refusal(follow, by)
                 if follow.close:
                     self.abort(None)
                     return
@@ -342,6 +348,17 @@ class SMTPProtocol(AiosmtpdSMTP):
             except ConnectionError:
                 pass
             self._set_phase(BUSY)
+
+    def _log_refusal(self, reply: Reply, plugin: str) -> None:
+        """One log line per refusal: the plugin (``core`` for the protocol's own), the command
+        and the reply; the JSON log format also gets them as fields."""
+        if refusal_log.isEnabledFor(logging.INFO):
+            session = self.session
+            refusal_log.info(
+                "session %s %s %s refused by %s: %s", session.id, session.peer_ip, self._verb,
+                plugin, reply, extra={"fields": {
+                    "session": session.id, "client": session.peer_ip, "command": self._verb,
+                    "plugin": plugin, "code": reply.code, "enhanced": reply.enhanced}})
 
     # --- the session --------------------------------------------------------------------------
 
@@ -370,7 +387,7 @@ class SMTPProtocol(AiosmtpdSMTP):
     async def _end(self) -> None:
         session = self.session
         try:
-            await self.hooks.collect("on_disconnect", session=session)
+            await self.hooks.call("on_disconnect", session=session)
         finally:
             self.server.session_ended(self)
             log.info(
@@ -381,16 +398,14 @@ class SMTPProtocol(AiosmtpdSMTP):
 
     async def _greet(self) -> bool:
         session = self.session
-        await self.hooks.collect("connection_opened", session=session)
-        reply, plugin = await self.hooks.decide("on_connect", session=session)
+        await self.hooks.call("connection_opened", session=session)
+        reply, plugin = await self.hooks.call("on_connect", session=session)
         if reply is None:
-            text, _ = await self.hooks.first("greeting", session=session)
+            text, _ = await self.hooks.call("greeting", session=session)
             if not isinstance(text, str):  # none, or a failed plugin
                 text = f"{session.hostname} ESMTP"
             reply = Reply(220, "", text)
         elif reply.close or reply.code >= 400:
-            log.info("session %s %s refused by %s: %s", session.id, session.peer_ip, plugin,
-                     reply)
             await self.send(dataclasses.replace(reply, close=True), plugin)
             return False
         self._write(reply.wire())
@@ -436,6 +451,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         return line
 
     async def _dispatch(self, line: bytes) -> None:
+        self._verb = "?"  # not known yet
         if line == b"\0too-long":
             await self.send(R_LINE_TOO_LONG)
             return
@@ -448,8 +464,9 @@ class SMTPProtocol(AiosmtpdSMTP):
         except UnicodeDecodeError:
             verb = ""
         arg = arg_bytes.decode("utf-8", "surrogateescape").strip()
+        self._verb = verb if verb.isalpha() and len(verb) <= 16 else "?"  # safe in a log line
         if self._on_command:
-            reply, plugin = await self.hooks.decide("on_command", session=self.session,
+            reply, plugin = await self.hooks.call("on_command", session=self.session,
                                                     verb=verb, arg=arg)
             if reply is not None:
                 if verb == "BDAT" and not reply.close:  # its octets follow: read them first
@@ -465,7 +482,6 @@ class SMTPProtocol(AiosmtpdSMTP):
             else:
                 await self.send(R_SYNTAX)
             return
-        self._verb = verb
         await method(self, arg)
 
     # --- commands -----------------------------------------------------------------------------
@@ -475,7 +491,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         if not arg or " " in arg or not arg.isprintable() or not arg.isascii():
             await self.send(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
             return
-        reply, plugin = await self.hooks.decide("on_helo", session=session, verb=verb,
+        reply, plugin = await self.hooks.call("on_helo", session=session, verb=verb,
                                                 hostname=arg)
         if reply is not None and not reply.is_positive:  # vouched: the core still greets
             await self.send(reply, plugin)
@@ -492,7 +508,7 @@ class SMTPProtocol(AiosmtpdSMTP):
 
     async def ehlo_keywords(self) -> list[str]:
         session = self.session
-        added = [kw for _, kws in await self.hooks.collect("ehlo_keywords", session=session)
+        added = [kw for _, kws in await self.hooks.call("ehlo_keywords", session=session)
                  for kw in kws]
         keywords = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "CHUNKING", "BINARYMIME"]
         if not any(kw.upper().split()[0] == "SIZE" for kw in added):
@@ -505,7 +521,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         return keywords + added
 
     async def auth_mechanisms(self) -> list:
-        return [m for _, ms in await self.hooks.collect("auth_mechanisms", session=self.session)
+        return [m for _, ms in await self.hooks.call("auth_mechanisms", session=self.session)
                 for m in ms]
 
     async def cmd_mail(self, arg: str) -> None:
@@ -529,7 +545,7 @@ class SMTPProtocol(AiosmtpdSMTP):
             return
         params, error = parse_params(params_text)
         transaction = Transaction(address, params, param_error=error)
-        reply, plugin = await self.hooks.decide("on_mail_from", session=session,
+        reply, plugin = await self.hooks.call("on_mail_from", session=session,
                                                 transaction=transaction)
         if reply is not None and not reply.is_positive:
             await self.send(reply, plugin)
@@ -562,7 +578,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         params, error = parse_params(params_text)
         recipient = Recipient(address, params, session.directory.is_local_address(address),
                               param_error=error)
-        reply, plugin = await self.hooks.decide("on_rcpt", session=session,
+        reply, plugin = await self.hooks.call("on_rcpt", session=session,
                                                 transaction=transaction, recipient=recipient)
         if reply is not None and not reply.is_positive:
             await self.send(reply, plugin)
@@ -715,7 +731,7 @@ class SMTPProtocol(AiosmtpdSMTP):
                       message.failed)
             await self.send(Reply(451, "4.3.0", "Local storage error, try again later"))
             return
-        vouched, voucher = await self.hooks.decide("on_data", session=session,
+        vouched, voucher = await self.hooks.call("on_data", session=session,
                                                    transaction=transaction, message=message)
         if vouched is not None and not vouched.is_positive:
             await self.send(vouched, voucher)
@@ -726,7 +742,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         if await self._client_gone() and not await self._continue_after_disconnect():
             log.info("queue id %s: client gone before storing: discarded", transaction.id)
             return
-        result, plugin = await self.hooks.first("deliver", session=session,
+        result, plugin = await self.hooks.call("deliver", session=session,
                                                 transaction=transaction, message=message)
         if isinstance(result, Reply):
             await self.send(result, plugin or "core")
@@ -747,7 +763,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         await self.send(vouched or Reply(250, "2.0.0", f"OK: queued as {transaction.id}"),
                         voucher or "core")
         self._flush()  # the client need not wait for what plugins do after delivery
-        await self.hooks.collect("after_delivery", session=session, transaction=transaction,
+        await self.hooks.call("after_delivery", session=session, transaction=transaction,
                                  message=message, delivered=result)
 
     async def _client_gone(self) -> bool:
@@ -761,7 +777,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         return self._eof
 
     async def _continue_after_disconnect(self) -> bool:
-        decision, _ = await self.hooks.first("continue_after_disconnect", session=self.session)
+        decision, _ = await self.hooks.call("continue_after_disconnect", session=self.session)
         return decision is True
 
     async def cmd_rset(self, arg: str) -> None:
@@ -784,7 +800,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         if not arg:
             await self.send(Reply(501, "5.5.4", "Syntax: VRFY address"))
             return
-        reply, plugin = await self.hooks.decide("on_vrfy", session=self.session,
+        reply, plugin = await self.hooks.call("on_vrfy", session=self.session,
                                                 address=arg.strip("<>"))
         await self.send(reply or Reply(
             252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"),
@@ -794,7 +810,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         if not arg:
             await self.send(Reply(501, "5.5.4", "Syntax: EXPN address"))
             return
-        reply, plugin = await self.hooks.decide("on_expn", session=self.session,
+        reply, plugin = await self.hooks.call("on_expn", session=self.session,
                                                 address=arg.strip("<>"))
         await self.send(reply or Reply(502, "5.5.1", "EXPN not available"), plugin or "core")
 
@@ -861,7 +877,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         if mechanism is None:
             await self.send(Reply(504, "5.5.4", "Unrecognized authentication type"))
             return
-        reply, plugin = await self.hooks.decide("on_auth", session=session, mechanism=name)
+        reply, plugin = await self.hooks.call("on_auth", session=session, mechanism=name)
         if reply is not None and not reply.is_positive:  # vouched: the exchange still runs
             await self.send(reply, plugin)
             return

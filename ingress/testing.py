@@ -1,6 +1,16 @@
-"""Pytest fixtures that start a real ingress server. Plugin authors may import this module.
+"""Test kits for plugin authors: unit tests of one hook, and real servers. Plugin authors may
+import this module.
 
 Installed as a pytest plugin (``pytest11`` entry point ``ingress``); nothing here is autouse.
+
+``ingress_plugin`` (a :class:`PluginHarness`) calls one hook of one plugin, with no server and no
+sockets, in a millisecond or so: the plugin's settings are validated by its own schema and
+defaulted as a config file's would be, and the session, transaction, recipient and message it
+gets are the core's own classes::
+
+    def test_refuses_localhost(ingress_plugin):
+        plugin = ingress_plugin(hello_policy, {"refuse": ["localhost"]})
+        assert plugin.call("on_helo", verb="EHLO", hostname="localhost").code == 550
 
 ``ingress_server`` starts ``python -m ingress serve`` as a subprocess from a config dict, on a free
 port of 127.0.0.1, with its Maildir and queue in the test's ``tmp_path``::
@@ -38,6 +48,9 @@ in front of a server; ``small_filesystem`` mounts a small file system for disk-f
 from __future__ import annotations
 
 import asyncio
+import collections
+import copy
+import inspect
 import json
 import os
 import re
@@ -49,13 +62,18 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from ingress.session import Recipient, Session, Transaction
+    from ingress.spool import Message
 
 READY = re.compile(r"ingress: listening on (\S+):(\d+) \((smtps?|metrics)\)")
 START_TIMEOUT = 20.0
@@ -292,7 +310,7 @@ def _import_path() -> list[str]:
 
 def start_subprocess(
     config: dict, workdir: Path, *, env: dict | None = None, disabled: tuple[str, ...] = (),
-    args: tuple[str, ...] = (),
+    args: tuple[str, ...] = (), log_format: str = "text",
 ) -> SubprocessServer:
     """Write *config* as JSON in *workdir* and run ``python -m ingress serve`` on it."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -307,7 +325,8 @@ def start_subprocess(
         full_env["INGRESS_DISABLE_PLUGINS"] = ",".join(disabled)
     log_file = open(log_path, "wb")  # noqa: SIM115 - the child writes to it until it exits
     process = subprocess.Popen(
-        [sys.executable, "-m", "ingress", "serve", "--config", str(config_path), *args],
+        [sys.executable, "-m", "ingress", "--log-format", log_format, "serve", "--config",
+         str(config_path), *args],
         stdout=subprocess.PIPE, stderr=log_file, cwd=workdir, env=full_env,
     )
     log_file.close()
@@ -408,16 +427,18 @@ def start_inprocess(config: dict, workdir: Path, plugins: dict[str, object] | No
 
 @pytest.fixture
 def ingress_server(tmp_path):
-    """Factory: ``ingress_server(config=None, *, env=None, disabled=(), args=())`` starts a
-    subprocess server (``args``: more options for ``ingress serve``, e.g. ``--no-uvloop``) and
-    returns a :class:`SubprocessServer`; every server is stopped after the test."""
+    """Factory: ``ingress_server(config=None, *, env=None, disabled=(), args=(),
+    log_format="text")`` starts a subprocess server (``args``: more options for ``ingress serve``,
+    e.g. ``--no-uvloop``; ``log_format="json"`` for JSON log lines) and returns a
+    :class:`SubprocessServer`; every server is stopped after the test."""
     started: list[SubprocessServer] = []
 
     def start(config: dict | None = None, *, env: dict | None = None,
               disabled: tuple[str, ...] = (), name: str = "server",
-              args: tuple[str, ...] = ()) -> SubprocessServer:
+              args: tuple[str, ...] = (), log_format: str = "text") -> SubprocessServer:
         full = server_config(tmp_path / name, config)
-        server = start_subprocess(full, tmp_path / name, env=env, disabled=disabled, args=args)
+        server = start_subprocess(full, tmp_path / name, env=env, disabled=disabled, args=args,
+                                  log_format=log_format)
         started.append(server)
         return server
 
@@ -618,3 +639,223 @@ def ingress_state():
     from ingress.state import MemoryBackend
 
     return MemoryBackend().store("test")
+
+
+# --- unit tests of one hook: no server ------------------------------------------------------------
+
+# The config a harness starts from (like server_config): completed by the core schema's defaults.
+HARNESS_CONFIG = {"server": {"hostname": "mx.test"}, "directory": {"domains": ["example.test"]}}
+
+
+def _plugin_name(plugin: object) -> str:
+    name = getattr(plugin, "NAME", None)
+    if name:
+        return name
+    if inspect.ismodule(plugin):
+        return plugin.__name__.rsplit(".", 1)[-1]
+    raise ValueError("give the plugin's name: PluginHarness(plugin, settings, name=...)")
+
+
+class PluginHarness:
+    """One plugin (a module or an object, as registered in a server), its settings, and the core's
+    own :class:`~ingress.session.Session`, :class:`~ingress.session.Transaction`,
+    :class:`~ingress.session.Recipient` and :class:`~ingress.spool.Message` to call its hooks
+    with. No server, no event loop unless a hook needs one.
+
+    :param settings: the plugin's ``[plugins.<name>]`` section. It is validated with the plugin's
+        own ``config_schema`` and defaulted exactly as a config file's section is
+        (:class:`ingress.errors.ConfigError` on a bad one); :attr:`settings` is the result.
+    :param name: the plugin's name; default: its ``NAME`` attribute, or a module's own name.
+    :param config: the rest of the config (``server``, ``directory``...), merged over
+        ``HARNESS_CONFIG`` (hostname ``mx.test``, local domain ``example.test``) and validated
+        by the core schema: sessions see ``hostname`` and ``directory`` as in a server.
+    :param spool_dir: where a message over 1 MiB spills; default: a temporary folder.
+    """
+
+    def __init__(self, plugin: object, settings: dict | None = None, *, name: str | None = None,
+                 config: dict | None = None, spool_dir: Path | None = None):
+        from ingress import config as config_mod
+        from ingress import manager
+        from ingress.directory import Directory, DirectoryError
+        from ingress.dispatch import Hooks
+        from ingress.errors import ConfigError
+
+        self.plugin = plugin
+        self.name = name or _plugin_name(plugin)
+        pm = manager.new_manager()
+        info = manager.PluginInfo(self.name, "test", plugin)
+        manager.register(pm, info)
+        own = dict(Hooks(pm, {}, set()).call_sync("config_schema")).get(self.name)
+        schema = config_mod.merged_schema({self.name: own})
+        raw = deep_merge(HARNESS_CONFIG, copy.deepcopy(config or {}))
+        raw["plugins"] = {self.name: copy.deepcopy(settings if settings is not None else {})}
+        source = f"{self.name} (test config)"
+        problems = config_mod.schema_errors(schema, raw)
+        if problems:
+            raise ConfigError([f"{source}: {p}: {m}" for p, m in problems])
+        config_mod.apply_defaults(schema, raw)
+        try:
+            directory = Directory.from_config(raw["directory"], Path.cwd())
+        except DirectoryError as exc:
+            raise ConfigError([f"{source}: {p}: {m}" for p, m in exc.errors]) from None
+        self.hooks = Hooks(pm, raw["plugins"], set(), timeout=raw["server"]["hook_timeout"])
+        self.config = config_mod.Config(None, raw, directory, (info,), self.hooks, schema)
+        self.settings: dict = raw["plugins"][self.name]
+        #: what ``session.count_concurrent(key)`` counts: preset a key to play other connections
+        self.concurrent: collections.Counter[str] = collections.Counter()
+        from ingress.state import open_backend
+
+        #: the plugin's ``state``: an in-process store, fresh for each harness
+        self.state_backend = open_backend("memory", raw["server"]["state_timeout"])
+        self._spool_dir = spool_dir
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._messages: list[Message] = []
+
+    # --- the objects hooks receive ----------------------------------------------------------
+
+    def session(self, *, peer: tuple[str, int] = ("192.0.2.1", 50000),
+                local: tuple[str, int] = ("127.0.0.1", 25), tls: bool = False,
+                connections: int = 1, helo: str | None = None, esmtp: bool | None = None,
+                auth_user: str | None = None) -> Session:
+        """A new session of a client at *peer*; after HELO/EHLO when *helo* is given (``esmtp``
+        then defaults to true), authenticated as *auth_user* when given."""
+        from ingress.session import Session
+
+        session = Session(self.config, peer, local, tls=tls, connections=connections)
+        session._count_concurrent = self._count_concurrent
+        session.state_backend = self.state_backend
+        if helo is not None:
+            session.helo, session.esmtp = helo, True if esmtp is None else esmtp
+        session.auth_user = auth_user
+        return session
+
+    def _count_concurrent(self, key: str) -> int:
+        self.concurrent[key] += 1
+        return self.concurrent[key]
+
+    def transaction(self, mail_from: str = "sender@example.org",
+                    params: dict[str, str | None] | None = None, recipients: tuple = (),
+                    session: Session | None = None) -> Transaction:
+        """A transaction as after ``MAIL FROM:<mail_from>`` (*params*: upper-case keys), with
+        *recipients* (addresses or :meth:`recipient` objects) already accepted; it becomes
+        *session*'s transaction when a session is given."""
+        from ingress.session import Transaction
+
+        transaction = Transaction(mail_from, dict(params or {}))
+        transaction.recipients.extend(
+            self.recipient(r) if isinstance(r, str) else r for r in recipients)
+        if session is not None:
+            session.transaction = transaction
+        return transaction
+
+    def recipient(self, address: str, params: dict[str, str | None] | None = None) -> Recipient:
+        """A recipient as after ``RCPT TO:<address>``; ``local`` as the directory says."""
+        from ingress.session import Recipient
+
+        local = self.config.directory.is_local_address(address)
+        return Recipient(address, dict(params or {}), local)
+
+    def message(self, data: bytes | str, *, data_limit: int | None = None) -> Message:
+        """A message as received after DATA: *data* (``str`` is UTF-8) with bare CR or LF made
+        CRLF and a final CRLF, as the core stores it; past *data_limit* it is ``oversized``."""
+        from ingress.smtp import _BARE_CR_OR_LF
+        from ingress.spool import Message
+
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        raw = _BARE_CR_OR_LF.sub(b"\r\n", raw)
+        if raw and not raw.endswith(b"\r\n"):
+            raw += b"\r\n"
+        if self._spool_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="ingress-harness-")
+            self._spool_dir = Path(self._tmp.name)
+        message = Message(self._spool_dir, data_limit)
+        message.write(raw)
+        self._messages.append(message)
+        return message
+
+    # --- calling one hook -------------------------------------------------------------------
+
+    def _start(self, hook: str, kwargs: dict[str, Any]) -> tuple[Any, bool]:
+        from ingress import hookspecs
+
+        spec = getattr(hookspecs, hook, None)
+        if not hasattr(spec, "ingress_spec"):
+            raise ValueError(f"no hook named {hook!r}")
+        impls = self.hooks.impls(hook)
+        if not impls:
+            raise ValueError(f"plugin {self.name!r} does not implement {hook}")
+        arguments = [n for n in inspect.signature(spec).parameters
+                     if n not in ("settings", "state")]
+        unknown = sorted(set(kwargs) - set(arguments))
+        if unknown:
+            raise TypeError(f"{hook} takes {', '.join(arguments)}, not {', '.join(unknown)}")
+        if "session" in arguments and "session" not in kwargs:
+            kwargs["session"] = self.session()
+        [impl] = impls
+        missing = [n for n in impl.argnames if n not in ("settings", "state") and n not in kwargs]
+        if missing:
+            raise TypeError(f"{self.name}'s {hook} needs {', '.join(missing)}")
+        # The core's own way of calling an implementation (ingress.dispatch).
+        result = self.hooks._start(hook, impl, kwargs)
+        return result, self.hooks._pending(impl, result)
+
+    def call(self, hook: str, **kwargs: Any) -> Any:
+        """Call the plugin's *hook* with these arguments (by name, as the spec names them; a
+        missing ``session`` is a new :meth:`session`, ``settings`` is :attr:`settings`) and
+        return what it returned. An ``async def`` hook or an awaitable result is run to its end
+        on an event loop of its own, bounded by ``server.hook_timeout``; inside a running event
+        loop use :meth:`acall`. Unlike in a server, an exception propagates (a server would fail
+        closed with ``451 4.3.0``), and no other plugin runs."""
+        result, pending = self._start(hook, kwargs)
+        if not pending:
+            return result
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self._wait(result))
+        if inspect.iscoroutine(result):
+            result.close()
+        raise RuntimeError(f"{hook} must be awaited here: use 'await harness.acall(...)'")
+
+    async def acall(self, hook: str, **kwargs: Any) -> Any:
+        """:meth:`call` for a test that runs an event loop itself: awaits the result."""
+        result, pending = self._start(hook, kwargs)
+        return await self._wait(result) if pending else result
+
+    async def _wait(self, awaitable: Any) -> Any:
+        from ingress.dispatch import _bounded
+
+        return await _bounded(awaitable, self.hooks.timeout)
+
+    def close(self) -> None:
+        """Remove what the messages spilled to disk."""
+        for message in self._messages:
+            message.close()
+        self._messages.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> PluginHarness:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@pytest.fixture
+def ingress_plugin(tmp_path):
+    """Factory: ``ingress_plugin(plugin, settings=None, *, name=None, config=None)`` returns a
+    :class:`PluginHarness` for unit tests of one hook (no server); closed after the test."""
+    made: list[PluginHarness] = []
+
+    def make(plugin: object, settings: dict | None = None, *, name: str | None = None,
+             config: dict | None = None) -> PluginHarness:
+        harness = PluginHarness(plugin, settings, name=name, config=config,
+                                spool_dir=tmp_path / "spool")
+        made.append(harness)
+        return harness
+
+    yield make
+    for harness in made:
+        harness.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -37,3 +38,18 @@ def test_every_hook_is_documented(hook):
     docs = (ROOT / "docs" / "hooks.md").read_text()
     assert re.search(rf"^### {hook}$", docs, re.M), f"docs/hooks.md lacks a section for {hook}"
     assert getattr(hookspecs, hook).__doc__.strip()
+
+
+def signature(hook: str) -> str:
+    """The hook's specification as docs/hooks.md shows it: name, typed arguments, return."""
+    sig = inspect.signature(getattr(hookspecs, hook))
+    arguments = ", ".join(f"{p.name}: {p.annotation}" for p in sig.parameters.values())
+    return f"{hook}({arguments}) -> {sig.return_annotation}"
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_section_shows_its_exact_signature_and_semantics(hook):
+    docs = (ROOT / "docs" / "hooks.md").read_text()
+    section = docs.split(f"\n### {hook}\n", 1)[1].split("\n#", 1)[0]
+    line = f"`{signature(hook)}` ({hookspecs.semantics_of(hook)})"
+    assert section.startswith(line + "\n"), f"docs/hooks.md, {hook}: start with {line}"

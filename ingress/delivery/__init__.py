@@ -97,8 +97,8 @@ async def may_relay(session, transaction, address: str) -> bool:
     """Whether *session* may have mail sent to *address*: the first answer of the ``may_relay``
     hook; no answer, or a failing plugin, is no. For plugins that write mail of their own to an
     address the client chose."""
-    allowed, _ = await session.config.hooks.first("may_relay", session=session,
-                                                  transaction=transaction, address=address)
+    allowed, _ = await session.config.hooks.call("may_relay", session=session,
+                                                 transaction=transaction, address=address)
     return allowed is True
 
 

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import types
+import typing
+from typing import Any
 
 import pytest
 
-from ingress import Reply, dispatch, hookimpl, manager
+from ingress import Reply, dispatch, hookimpl, hookspecs, manager
+from ingress.auth import Mechanism
+from ingress.config import Config
+from ingress.delivery import Delivered
 from ingress.errors import PluginError
+from ingress.session import Recipient, Session, Transaction
+from ingress.spool import Message
+from ingress.state import Store
 
 
 class Sync:
@@ -119,3 +128,89 @@ def test_wrapper_implementations_are_refused_at_registration(option):
     with pytest.raises(PluginError, match=f"'wrapping'.*on_helo.*{option}=True"):
         manager.register(pm, info)
     assert pm.get_plugin("wrapping") is None
+
+
+# --- declared semantics: Hooks.call runs what each specification declares ---------------------
+
+SPECS = sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "ingress_spec"))
+# What an implementation returns in the semantics test, by declared semantics.
+ANSWER = {hookspecs.DECIDE: Reply(550, "5.7.1", "no"), hookspecs.FIRST: "first answer",
+          hookspecs.COLLECT: ["item"]}
+
+
+def test_every_hook_declares_its_semantics_and_types():
+    assert "on_connect" in SPECS and "deliver" in SPECS
+    # the names hookspecs imports only for type checking, to resolve its annotations
+    names = {"Any": Any, "Mechanism": Mechanism, "Delivered": Delivered, "Reply": Reply,
+             "Recipient": Recipient, "Session": Session, "Transaction": Transaction,
+             "Message": Message, "Store": Store, "Config": Config}
+    for name in SPECS:
+        assert hookspecs.semantics_of(name) in hookspecs.SEMANTICS, name
+        function = getattr(hookspecs, name)
+        parameters = inspect.signature(function).parameters
+        hints = typing.get_type_hints(function, localns=names)
+        assert set(hints) == {*parameters, "return"}, f"{name} lacks an annotation"
+        # the plugin's own things come last: its settings, then its state store
+        has_state = name not in ("config_schema", "startup", "shutdown")
+        tail = ["settings", "state"] if has_state else ["settings"]
+        assert list(parameters)[-len(tail):] == tail, name
+
+
+def test_a_spec_without_semantics_is_refused_with_a_clear_error(monkeypatch):
+    @hookspecs.hookspec
+    def on_something(session, settings):
+        """not declared"""
+
+    monkeypatch.setattr(hookspecs, "on_something", on_something, raising=False)
+    with pytest.raises(TypeError, match=r"on_something declares no semantics.*@spec"):
+        hookspecs.semantics_of("on_something")
+    with pytest.raises(ValueError, match="unknown hook semantics"):
+        hookspecs.spec("all")
+
+
+def two_plugins(hook: str, seen: list[str]):
+    """Two third-party plugins whose *hook* records its call and gives the answer its
+    semantics uses (a refusal, a value, a list)."""
+    answer = ANSWER[hookspecs.semantics_of(hook)]
+
+    def plugin(name):
+        @hookimpl
+        def implementation():
+            seen.append(name)
+            return answer
+        return name, types.SimpleNamespace(**{hook: implementation})
+
+    return plugin("a"), plugin("b")
+
+
+@pytest.mark.parametrize("hook", SPECS)
+def test_call_follows_the_declared_semantics(hook):
+    seen: list[str] = []
+    table = hooks(*two_plugins(hook, seen))
+    arguments = {n: None for n in inspect.signature(getattr(hookspecs, hook)).parameters
+                 if n != "settings"}
+    result = asyncio.run(table.call(hook, **arguments))
+    semantics = hookspecs.semantics_of(hook)
+    if semantics == hookspecs.COLLECT:
+        assert (result, seen) == ([("a", ["item"]), ("b", ["item"])], ["a", "b"])
+        seen.clear()
+        assert table.call_sync(hook, **arguments) == result and seen == ["a", "b"]
+    else:  # decide (a refusal) and first both stop at the first answer
+        assert (result, seen) == ((ANSWER[semantics], "a"), ["a"])
+        with pytest.raises(ValueError, match="not a collect hook"):
+            table.call_sync(hook, **arguments)
+
+
+def test_call_of_a_decision_hook_lets_a_positive_reply_vouch():
+    seen: list[str] = []
+
+    def plugin(name, reply):
+        @hookimpl
+        def on_rcpt():
+            seen.append(name)
+            return reply
+        return name, types.SimpleNamespace(on_rcpt=on_rcpt)
+
+    table = hooks(plugin("voucher", Reply.ok()), plugin("skipped", Reply(550, "5.7.1", "no")))
+    result = asyncio.run(table.call("on_rcpt", session=None, transaction=None, recipient=None))
+    assert (result, seen) == ((Reply.ok(), "voucher"), ["voucher"])

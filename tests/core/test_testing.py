@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -13,6 +14,8 @@ import pytest
 
 from ingress import Reply, hookimpl
 from ingress.errors import ConfigError, IngressError
+from ingress.session import Recipient, Session
+from ingress.spool import Message
 from ingress.testing import SMTPRaw
 
 pytest_plugins = ["pytester"]
@@ -214,3 +217,149 @@ def test_servers_are_stopped_after_the_test(pytester):
         psutil.Process(started["pid"]).status() == psutil.STATUS_ZOMBIE)
     assert all(refused("127.0.0.1", port) for port in started["ports"])
     assert started["thread"] not in {t.ident for t in threading.enumerate()}
+
+
+# --- ingress_plugin: one hook of one plugin, no server -------------------------------------------
+
+
+class Kit:
+    """A plugin object with one hook of each kind the harness must handle."""
+
+    @hookimpl
+    def config_schema(self):
+        return {"type": "object", "additionalProperties": False, "properties": {
+            "limit": {"type": "integer", "minimum": 1, "default": 2},
+            "lists": {"type": "object", "default": {},
+                      "additionalProperties": {"type": "object", "properties": {
+                          "size": {"type": "integer", "default": 5}}}}}}
+
+    @hookimpl
+    def on_connect(self, session, settings):
+        if session.count_concurrent(f"kit {session.peer_ip}") > settings["limit"]:
+            return Reply(421, "4.7.0", "Too many", close=True)
+        return None
+
+    @hookimpl
+    async def on_rcpt(self, session, transaction, recipient):
+        await asyncio.sleep(0)
+        if not recipient.local:
+            return Reply(550, "5.7.1", f"{recipient.address} is not local to {session.hostname}")
+        return None
+
+    @hookimpl
+    def on_data(self, transaction, message, settings):
+        async def later():
+            return Reply(554, "5.4.6", "Too many hops") if message.header_count(
+                "Received") > settings["limit"] else None
+        transaction.add_header("X-Kit", str(message.size))
+        return later() if message.size else None
+
+    @hookimpl
+    async def greeting(self, settings):
+        await asyncio.sleep(settings["limit"])
+        return "never"
+
+    @hookimpl
+    def on_vrfy(self, address):
+        raise RuntimeError(f"broken for {address}")
+
+
+def test_harness_settings_are_validated_and_defaulted_like_a_servers(ingress_plugin, tmp_path):
+    from ingress import config as config_mod
+
+    section = {"lists": {"a": {}, "b": {"size": 7}}}
+    plugin = ingress_plugin(Kit(), section, name="kit")
+    built = config_mod.build({"plugins": {"kit": section}}, None, tmp_path,
+                             extra_plugins={"kit": Kit()})
+    assert plugin.settings == built.plugin_settings("kit")
+    assert plugin.settings == {"limit": 2, "lists": {"a": {"size": 5}, "b": {"size": 7}}}
+    assert section == {"lists": {"a": {}, "b": {"size": 7}}}  # the caller's dict is left alone
+    with pytest.raises(ConfigError, match=r"kit \(test config\): /plugins/kit/limit: 0 is less"):
+        ingress_plugin(Kit(), {"limit": 0}, name="kit")
+    with pytest.raises(ConfigError, match="/plugins/kit/limt: unknown key 'limt'"):
+        ingress_plugin(Kit(), {"limt": 3}, name="kit")
+    with pytest.raises(ConfigError, match="/server/hostnam: unknown key"):
+        ingress_plugin(Kit(), name="kit", config={"server": {"hostnam": "x"}})
+    with pytest.raises(ValueError, match="give the plugin's name"):
+        ingress_plugin(Kit())
+
+
+def test_harness_calls_a_plain_hook_with_the_core_objects(ingress_plugin):
+    plugin = ingress_plugin(Recorder(), {"refuse": "bad.example"}, name="recorder")
+    assert plugin.call("on_helo", verb="EHLO", hostname="bad.example") == Reply(
+        550, "5.7.1", "Not that name")
+    assert plugin.call("on_helo", hostname="good.example") is None
+    assert plugin.plugin.helos == [("bad.example", {"refuse": "bad.example"}),
+                                   ("good.example", {"refuse": "bad.example"})]
+    session = plugin.session(peer=("198.51.100.7", 4000), helo="c.example", auth_user="a@x")
+    assert isinstance(session, Session) and session.config is plugin.config
+    assert (session.peer_ip, session.hostname, session.protocol) == ("198.51.100.7", "mx.test",
+                                                                     "ESMTPA")
+
+
+def test_harness_counts_concurrent_connections(ingress_plugin):
+    plugin = ingress_plugin(Kit(), name="kit")
+    session = plugin.session(peer=("192.0.2.9", 1))
+    assert plugin.call("on_connect", session=session) is None  # 1 of 2
+    plugin.concurrent["kit 192.0.2.9"] = 5  # five other connections from that address
+    assert plugin.call("on_connect", session=session) == Reply(421, "4.7.0", "Too many",
+                                                               close=True)
+
+
+def test_harness_awaits_async_hooks_and_awaitable_results(ingress_plugin):
+    plugin = ingress_plugin(Kit(), {"limit": 1}, name="kit",
+                            config={"directory": {"domains": ["example.test", "other.test"]}})
+    session = plugin.session()
+    transaction = plugin.transaction("s@example.org", {"BODY": "8BITMIME"}, ["a@other.test"],
+                                     session=session)
+    assert session.transaction is transaction and transaction.recipients[0].local
+    far = plugin.recipient("b@elsewhere.test")
+    assert isinstance(far, Recipient) and not far.local
+    assert plugin.call("on_rcpt", session=session, transaction=transaction, recipient=far) == (
+        Reply(550, "5.7.1", "b@elsewhere.test is not local to mx.test"))
+    hops = plugin.message("Received: a\nReceived: b\r\nSubject: x\n\nbody")
+    assert isinstance(hops, Message) and hops.getvalue() == (
+        b"Received: a\r\nReceived: b\r\nSubject: x\r\n\r\nbody\r\n")
+    assert plugin.call("on_data", transaction=transaction, message=hops).code == 554
+    assert transaction.added_headers == [("X-Kit", str(hops.size))]
+
+    async def in_a_loop():
+        assert await plugin.acall("on_rcpt", transaction=transaction, recipient=far)
+        assert await plugin.acall("on_data", transaction=transaction,
+                                  message=plugin.message(b"Subject: y\r\n\r\n")) is None
+        with pytest.raises(RuntimeError, match=r"await harness\.acall"):
+            plugin.call("on_rcpt", transaction=transaction, recipient=far)
+
+    asyncio.run(in_a_loop())
+
+
+def test_harness_bounds_waiting_hooks_and_lets_errors_through(ingress_plugin):
+    plugin = ingress_plugin(Kit(), {"limit": 3600}, name="kit",
+                            config={"server": {"hook_timeout": 0.05}})
+    with pytest.raises(asyncio.TimeoutError):  # TimeoutError from Python 3.11 on
+        plugin.call("greeting")
+    with pytest.raises(RuntimeError, match="broken for x@example.test"):
+        plugin.call("on_vrfy", address="x@example.test")
+
+
+def test_harness_refuses_wrong_calls(ingress_plugin):
+    plugin = ingress_plugin(Kit(), name="kit")
+    with pytest.raises(ValueError, match="no hook named 'on_hello'"):
+        plugin.call("on_hello")
+    with pytest.raises(ValueError, match="'kit' does not implement on_helo"):
+        plugin.call("on_helo", hostname="x")
+    with pytest.raises(TypeError, match="on_rcpt takes session, transaction, recipient, not rcpt"):
+        plugin.call("on_rcpt", rcpt="x")
+    with pytest.raises(TypeError, match="kit's on_rcpt needs transaction, recipient"):
+        plugin.call("on_rcpt")
+
+
+def test_harness_messages_spill_like_the_cores_and_are_removed(ingress_plugin, tmp_path):
+    plugin = ingress_plugin(Kit(), name="kit")
+    big = plugin.message(b"Subject: big\r\n\r\n" + b"x" * (2 << 20))
+    assert not big.in_memory and list((tmp_path / "spool").iterdir())
+    assert big.headers() == [("Subject", "big")]
+    cut = plugin.message(b"Subject: cut\r\n\r\n" + b"y" * 100, data_limit=50)
+    assert cut.oversized and cut.size == 118
+    plugin.close()
+    assert not list((tmp_path / "spool").iterdir())
