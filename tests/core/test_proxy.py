@@ -351,9 +351,11 @@ def test_behind_haproxy(ingress_server, tmp_path, option):
         with haproxy.raw(source="127.0.0.3") as client:
             assert session(client) == {"ip": "127.0.0.3", "relay": 550}
     assert "from client.example ([127.0.0.2])" in " ".join(received(server).split())
+    # the session's end is logged once the server has seen the client go: wait for it
+    eventually(lambda: re.search(r"session \S+ 127\.0\.0\.3 ended", server.log()),
+               what="the end of the session from 127.0.0.3 in the log")
     log = server.log()
     assert re.search(r"accepted \S+ client=127\.0\.0\.2 ", log), log
-    assert re.search(r"session \S+ 127\.0\.0\.3 ended", log), log
     assert "127.0.0.1 ended" not in log and proxy_lines(server) == []
 
 

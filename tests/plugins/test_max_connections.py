@@ -257,7 +257,9 @@ def test_serve_raises_its_open_file_limit(ingress_server):
     limits = (Path("/proc") / str(server.pid) / "limits").read_text()
     [line] = [x for x in limits.splitlines() if x.startswith("Max open files")]
     assert line.split()[3:5] == [str(hard), str(hard)]
-    assert f"open file limit raised from 256 to {hard}" in server.log()
+    # logged from the event loop, so written at the end of its iteration: maybe after "ready"
+    eventually(lambda: f"open file limit raised from 256 to {hard}" in server.log(),
+               what="the log line of the raised limit")
 
 
 # --- per_ip -------------------------------------------------------------------------------------
