@@ -1,23 +1,25 @@
-"""The fleet run (FLEET.md section 4, without the PROXY protocol and Redis, see below).
+"""The fleet run (FLEET.md section 4).
 
 On 127.0.0.1 only, in a temporary folder: a three-node RabbitMQ cluster (Debian's
-rabbitmq-server; one private epmd), three ingress nodes (each its own process and config,
-delivery through the amqp plugin with local = true, node i publishing to RabbitMQ node i), and
-HAProxy in front of them (mode tcp, round robin, health checks). A client that numbers its
-messages (header X-Seq) sends through HAProxy from several connections, retrying a message that
-got no 250 (4xx, a cut connection). Under that load the run SIGKILLs one ingress node and
-restarts it, and stops one RabbitMQ node and starts it again. Then it drains the quorum queue
-and counts: acknowledged (250 received), found, lost (acknowledged but absent: must be 0),
-duplicates (a number present twice: allowed only when no more than one of its copies got a 250
-to the client), and the throughput against one ingress node writing its Maildir under the same
-client.
-
-Not here yet: HAProxy's send-proxy-v2 and state on Redis (the PROXY protocol and the shared
-state are not on this branch); HAProxy passes plain TCP and each node keeps state in memory.
+rabbitmq-server; one private epmd), one redis-server (ingress.testing.RedisServer), three ingress
+nodes (each its own process and config, server.state on that Redis, server.proxy_protocol naming
+HAProxy's address, the ratelimit plugin of contrib/ingress-ratelimit with limits the client never
+reaches, so that every connection and every MAIL is counted on Redis, and delivery through the
+amqp plugin with local = true, node i publishing to RabbitMQ node i), and HAProxy in front of them
+(ingress.testing.HAProxy: mode tcp, round robin, send-proxy-v2, an SMTP health check every
+300 ms, which arrives as a PROXY v2 LOCAL header). A client that numbers its messages (header
+X-Seq) sends through HAProxy from its own address 127.0.0.2 and several connections, retrying a
+message that got no 250 (4xx, a cut connection); behind send-proxy-v2 the nodes see 127.0.0.2,
+so its connections stay under max_connections.per_ip (set to 50, checked against --connections).
+Under that load the run SIGKILLs one ingress node and restarts it, and stops one RabbitMQ node and
+starts it again. Then it drains the quorum queue and counts: acknowledged (250 received), found,
+lost (acknowledged but absent: must be 0), duplicates (a number present twice: allowed only when
+no more than one of its copies got a 250 to the client), the messages whose Received header names
+127.0.0.2 (the PROXY header reached the nodes), the MAIL commands counted on Redis, and the
+throughput against one ingress node writing its Maildir under the same client.
 
     python bench/fleet.py --messages 20000 --runs 3
 """
-
 from __future__ import annotations
 
 import argparse
@@ -28,7 +30,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,20 +43,15 @@ sys.path.insert(0, str(ROOT / "contrib" / "ingress-amqp" / "tests"))
 
 from conftest import RabbitMQ, free_port  # noqa: E402  (the tests' broker node, reused)
 
+from ingress.testing import HAProxy, RedisServer  # noqa: E402
+
 QUEUE = "ingress"
 READY = re.compile(r"ingress: listening on (\S+):(\d+) \(smtp\)")
 DOMAIN = "example.test"
-
-
-def wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on {port}")
+CLIENT_IP = "127.0.0.2"  # the client's own address, which the PROXY header carries to the nodes
+PER_IP = 50  # max_connections.per_ip on the nodes (the default, written out)
+# Limits the client never reaches: every connection and MAIL still costs Redis round trips.
+RATELIMIT = {"window_seconds": 3600, "max_connections": 10_000_000, "max_messages": 10_000_000}
 
 
 class Cluster:
@@ -79,8 +75,12 @@ class Cluster:
         for node in self.nodes[1:]:
             node.start()
             for args in (("stop_app",), ("join_cluster", first.node), ("start_app",)):
-                done = node.ctl(*args)
-                if done.returncode != 0:
+                for _attempt in range(3):  # on a loaded machine a ctl call now and then times out
+                    done = node.ctl(*args)
+                    if done.returncode == 0:
+                        break
+                    time.sleep(2)
+                else:
                     raise RuntimeError(f"{node.node} {args}: {done.stderr}")
 
     def close(self) -> None:
@@ -93,14 +93,15 @@ class Cluster:
 class Ingress:
     """One ingress node: its own process, config and folder."""
 
-    def __init__(self, root: Path, name: str, plugins: dict, port: int = 0):
+    def __init__(self, root: Path, name: str, plugins: dict, port: int = 0,
+                 server: dict | None = None):
         self.root = root / name
         self.root.mkdir(exist_ok=True)
         self.port = port or free_port()
         self.config = self.root / "ingress.json"
         self.config.write_text(json.dumps({
             "server": {"hostname": f"{name}.test", "listen": [f"127.0.0.1:{self.port}"],
-                       "drain_seconds": 5},
+                       "drain_seconds": 5, **(server or {})},
             "directory": {"domains": [DOMAIN],
                           "domain_settings": {DOMAIN: {"catch_all": True}}},
             "delivery": {"maildir": str(self.root / "mail"), "queue": str(self.root / "queue")},
@@ -135,37 +136,6 @@ class Ingress:
 
     def maildir_count(self) -> int:
         return sum(1 for _ in (self.root / "mail").glob("*/*/new/*"))
-
-
-class HAProxy:
-    def __init__(self, root: Path, ports: list[int]):
-        self.port = free_port()
-        servers = "\n".join(f"    server n{i} 127.0.0.1:{p} check inter 300ms fall 1 rise 1"
-                            for i, p in enumerate(ports))
-        self.config = root / "haproxy.cfg"
-        self.config.write_text(f"""global
-    maxconn 1000
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    retries 2
-    option redispatch
-frontend smtp
-    bind 127.0.0.1:{self.port}
-    default_backend ingress
-backend ingress
-    balance roundrobin
-{servers}
-""")
-        self.process = subprocess.Popen(["haproxy", "-db", "-f", str(self.config)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
-
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
 
 
 class Client:
@@ -203,7 +173,8 @@ class Client:
         while seq is not None:
             try:
                 if smtp is None:
-                    smtp = smtplib.SMTP("127.0.0.1", self.port, timeout=30)
+                    smtp = smtplib.SMTP("127.0.0.1", self.port, timeout=30,
+                                        source_address=(CLIENT_IP, 0))
                     smtp.ehlo("client.test")
                 body = (f"From: <load@far.test>\r\nX-Seq: {seq}\r\nSubject: fleet {seq}\r\n\r\n"
                         f"message {seq}\r\n").encode()
@@ -239,8 +210,9 @@ class Client:
                 pass
 
 
-def drain(node: RabbitMQ) -> list[tuple[int, str]]:
-    """(X-Seq, message_id) of every message on the queue (consumed and acked)."""
+def drain(node: RabbitMQ) -> list[tuple[int, str, bool]]:
+    """(X-Seq, message_id, whether its header names CLIENT_IP) of every message on the queue
+    (consumed and acked)."""
     import aio_pika
 
     async def main():
@@ -253,7 +225,9 @@ def drain(node: RabbitMQ) -> list[tuple[int, str]]:
                 async with queue.iterator(timeout=5) as messages:  # ends 5 s after the last
                     async for message in messages:
                         match = re.search(rb"^X-Seq: (\d+)\r$", message.body, re.M)
-                        found.append((int(match[1]), message.message_id))
+                        head = message.body.split(b"\r\n\r\n", 1)[0]
+                        found.append((int(match[1]), message.message_id,
+                                      CLIENT_IP.encode() in head))
                         await message.ack()
             except asyncio.TimeoutError:
                 pass
@@ -275,13 +249,35 @@ def baseline(root: Path, messages: int, connections: int) -> float:
     return messages / elapsed
 
 
-def fleet_run(root: Path, messages: int, connections: int, cluster: Cluster) -> dict:
+def redis_counts(redis: RedisServer) -> dict[str, int]:
+    """The ratelimit plugin's counters on Redis, summed per kind (conn, mail)."""
+    import redis as redis_py
+
+    client = redis_py.Redis(port=redis.port)
+    counts: Counter = Counter()
+    try:
+        for key in client.scan_iter("ingress:ratelimit:*"):
+            kind, ip = key.decode().split(":")[2:4]
+            if ip == CLIENT_IP:
+                counts[kind] += int(client.get(key) or 0)
+    finally:
+        client.close()
+    return dict(counts)
+
+
+def fleet_run(root: Path, messages: int, connections: int, cluster: Cluster,
+              redis: RedisServer) -> dict:
+    server = {"state": redis.url, "proxy_protocol": ["127.0.0.1"]}
     nodes = [Ingress(root, f"ingress{i}",
-                     {"amqp": {"url": cluster.nodes[i].url, "queue": QUEUE, "local": True}})
+                     {"amqp": {"url": cluster.nodes[i].url, "queue": QUEUE, "local": True},
+                      "ratelimit": RATELIMIT, "max_connections": {"per_ip": PER_IP}},
+                     server=server)
              for i in range(3)]
     for node in nodes:
         node.start()
-    proxy = HAProxy(root, [n.port for n in nodes])
+    proxy = HAProxy(root / "haproxy", [("127.0.0.1", n.port) for n in nodes],
+                    "send-proxy-v2 check inter 300ms fall 1 rise 1",
+                    ("option smtpchk EHLO lb.test", "retries 2", "option redispatch")).start()
     client = Client(proxy.port, messages, connections)
     events = []
 
@@ -308,20 +304,22 @@ def fleet_run(root: Path, messages: int, connections: int, cluster: Cluster) -> 
         elapsed = client.run()
         chaos_thread.join()
     finally:
-        proxy.close()
+        proxy.stop()
         for node in nodes:
             node.stop()
     found = drain(cluster.nodes[0])
-    seqs = Counter(seq for seq, _ in found)
+    seqs = Counter(seq for seq, _, _ in found)
     acked_ids = set(client.acked.values())
     lost = sorted(set(client.acked) - set(seqs))
     duplicates = {seq: n for seq, n in seqs.items() if n > 1}
     bad_duplicates = [seq for seq in duplicates
-                      if sum(1 for s, mid in found if s == seq and mid in acked_ids) > 1]
+                      if sum(1 for s, mid, _ in found if s == seq and mid in acked_ids) > 1]
     local_files = sum(node.maildir_count() for node in nodes)
     return {"acknowledged": len(client.acked), "found": len(found), "distinct": len(seqs),
             "lost": len(lost), "duplicates": len(duplicates),
             "duplicates_with_two_250s": len(bad_duplicates), "maildir_files": local_files,
+            "received_names_client": sum(1 for *_, named in found if named),
+            "redis_counts": redis_counts(redis),
             "failures": dict(client.failures), "seconds": round(elapsed, 1),
             "msgs_per_s": round(len(client.acked) / elapsed, 1), "events": events}
 
@@ -333,7 +331,10 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
-    for program in ("haproxy", "epmd"):
+    if not 0 < args.connections < PER_IP:
+        parser.error(f"--connections must be between 1 and {PER_IP - 1} (max_connections.per_ip "
+                     "counts the client's connections on each node)")
+    for program in ("haproxy", "epmd", "redis-server"):
         if shutil.which(program) is None:
             sys.exit(f"{program} is not installed")
     tmp = Path(tempfile.mkdtemp(prefix="ingress-fleet-"))
@@ -345,14 +346,18 @@ def main() -> int:
             root = tmp / f"run{run}"
             root.mkdir()
             cluster = Cluster(root)
+            redis = RedisServer(root / "redis")
             try:
+                redis.start()
                 cluster.start()
-                result = fleet_run(root, args.messages, args.connections, cluster)
+                result = fleet_run(root, args.messages, args.connections, cluster, redis)
             finally:
                 cluster.close()
+                redis.stop()
             result["vs_one_node"] = round(result["msgs_per_s"] / single, 2)
             print(f"run {run + 1}: " + json.dumps(result), flush=True)
-            if result["lost"] or result["duplicates_with_two_250s"]:
+            if (result["lost"] or result["duplicates_with_two_250s"]
+                    or result["received_names_client"] != result["found"]):
                 status = 1
     finally:
         if args.keep:
