@@ -62,8 +62,10 @@ def ensure_installed() -> Path:
     folder = install_dir()
     folder.mkdir(parents=True, exist_ok=True)
     print(f"installing Haraka {VERSION} into {folder}", file=sys.stderr, flush=True)
+    # bounded: a registry that cannot be reached fails the install in minutes, not hours
     subprocess.run(["npm", "install", "--prefix", str(folder), "--no-audit", "--no-fund",
-                    "--loglevel=error", f"Haraka@{VERSION}"], check=True, timeout=900)
+                    "--loglevel=error", "--fetch-retries=2", "--fetch-timeout=60000",
+                    f"Haraka@{VERSION}"], check=True, timeout=600)
     if not target.exists():
         raise SystemExit(f"npm installed Haraka, but {target} is missing")
     return target
