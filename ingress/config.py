@@ -539,12 +539,6 @@ def build(raw: Any, path: Path | None, base_dir: Path,
     if server["listen_tls"] and not server["tls_cert"]:
         raise ConfigError(f"{source}: /server/listen_tls: implicit TLS listeners need "
                           "server.tls_cert and server.tls_key")
-    bad_proxies = [f"{source}: {pointer(['server', 'proxy_protocol', i])}: {entry!r} is not an "
-                   "IP address or CIDR network"
-                   for i, entry in enumerate(server["proxy_protocol"])
-                   if ipnets.parse_network(entry) is None]
-    if bad_proxies:
-        raise ConfigError(bad_proxies)
     if server["tls_cert"]:
         problems = tls_problems(server["tls_cert"], server["tls_key"])
         if problems:
