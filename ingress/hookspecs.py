@@ -345,7 +345,11 @@ def on_data(
     cannot tell which). Decision hook: a ``Reply`` refuses the message.
 
     :param message: the :class:`ingress.spool.Message` (raw bytes as received, ``headers()``,
-        ``oversized``). Plugins add headers with ``transaction.add_header(name, value)``.
+        ``decoded_headers()``, ``oversized``). Plugins add headers with
+        ``transaction.add_header(name, value)``, edit the message with ``message.change_header``,
+        ``remove_header``, ``insert_header``, ``append_header``, ``replace_body``, and the
+        envelope with ``transaction.add_recipient``, ``remove_recipient``, ``change_sender``,
+        ``quarantine`` (docs/hooks.md, "Editing the message").
     """
 
 

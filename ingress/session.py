@@ -16,9 +16,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ingress.directory import Directory
+
 if TYPE_CHECKING:
     from ingress.config import Config
-    from ingress.directory import Directory
     from ingress.state import Backend
 
 _ids = itertools.count(1)
@@ -42,7 +43,9 @@ def new_id() -> str:
 class Recipient:
     address: str  # as given by the client, without angle brackets
     params: dict[str, str | None] = field(default_factory=dict)
-    local: bool = False  # its domain is one of the directory's domains
+    # its domain is one of the directory's domains; None (a recipient a plugin added at the end
+    # of DATA) until the core looks it up, before delivery
+    local: bool | None = False
     param_error: str | None = None  # malformed parameter list, answered by the params check
 
 
@@ -57,14 +60,70 @@ class Transaction:
     started: float = field(default_factory=time.time)
     # Upper bound on the raw message size the core keeps; None: no bound. Set by a size plugin.
     data_limit: int | None = None
-    # Headers plugins add; written above the message, first added first.
+    # Headers plugins add; written above the message in this order.
     added_headers: list[tuple[str, str]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
     param_error: str | None = None  # malformed parameter list, answered by the params check
+    #: why a plugin quarantined the message (see quarantine()), or None
+    quarantined: str | None = None
+    _first_headers: int = 0  # how many of added_headers were added with first=True
 
-    def add_header(self, name: str, value: str) -> None:
-        """Prepend ``name: value`` to the stored message. CR/LF in *value* must be folding."""
-        self.added_headers.append((name, value))
+    def add_header(self, name: str, value: str, *, first: bool = False) -> None:
+        """Put ``name: value`` above the received message, below the headers added before it;
+        with *first*, above every header added without it (``Received:`` included): the
+        message's first header line (after ``Return-Path:`` in a Maildir). Among headers added
+        with *first*, the first added comes first. CR/LF in *value* become folding."""
+        if first:
+            self.added_headers.insert(self._first_headers, (name, value))
+            self._first_headers += 1
+        else:
+            self.added_headers.append((name, value))
+
+    # Envelope edits, for on_data plugins (milter's addrcpt, delrcpt, chgfrom, quarantine).
+    # Addresses are checked by the rules the directory uses; ValueError when they fail.
+
+    def add_recipient(self, address: str, params: dict[str, str | None] | None = None) -> None:
+        """Deliver the message to *address* too (no RCPT checks run for it: the plugin vouches
+        for it). Adding an address the transaction already has does nothing."""
+        _check_address(address)
+        if self._recipient_index(address) is None:
+            self.recipients.append(Recipient(address, dict(params or {}), None))
+
+    def remove_recipient(self, address: str) -> bool:
+        """Do not deliver to *address* (compared case-insensitively); whether it was there.
+        A message left with no recipient is accepted and stored nowhere (logged)."""
+        index = self._recipient_index(address)
+        if index is None:
+            return False
+        del self.recipients[index]
+        return True
+
+    def change_sender(self, address: str) -> None:
+        """Replace the MAIL FROM address (``""``: the null sender). Parameters stay."""
+        if address != "":
+            _check_address(address)
+        self.mail_from = address
+
+    def quarantine(self, reason: str) -> None:
+        """Store the message, but apart: in each mailbox's ``Quarantine`` folder (Maildir++
+        ``.Quarantine``), with ``"quarantine": reason`` in a queue envelope and an
+        ``X-Ingress-Quarantine: reason`` header. It is never dropped."""
+        reason = " ".join(str(reason).split()) or "quarantined"
+        if self.quarantined is None:
+            self.add_header("X-Ingress-Quarantine", reason)
+        self.quarantined = reason
+
+    def _recipient_index(self, address: str) -> int | None:
+        key = address.lower()
+        for i, rcpt in enumerate(self.recipients):
+            if rcpt.address.lower() == key:
+                return i
+        return None
+
+
+def _check_address(address: str) -> None:
+    if not Directory.is_valid_address(address):
+        raise ValueError(f"not a valid address: {address!r}")
 
 
 class Session:

@@ -742,6 +742,12 @@ class SMTPProtocol(AiosmtpdSMTP):
         if await self._client_gone() and not await self._continue_after_disconnect():
             log.info("queue id %s: client gone before storing: discarded", transaction.id)
             return
+        if not self._settle_recipients(transaction):
+            log.warning("queue id %s: plugins removed every recipient: stored nowhere",
+                        transaction.id)
+            await self.send(vouched or Reply(250, "2.0.0", f"OK: queued as {transaction.id}"),
+                            voucher or "core")
+            return
         result, plugin = await self.hooks.call("deliver", session=session,
                                                 transaction=transaction, message=message)
         if isinstance(result, Reply):
@@ -765,6 +771,23 @@ class SMTPProtocol(AiosmtpdSMTP):
         self._flush()  # the client need not wait for what plugins do after delivery
         await self.hooks.call("after_delivery", session=session, transaction=transaction,
                                  message=message, delivered=result)
+
+    def _settle_recipients(self, transaction: Transaction) -> bool:
+        """Look up the recipients on_data plugins added (``local`` is None): one in a local
+        domain without a mailbox is dropped with an error line (RCPT would have refused it).
+        Whether any recipient is left."""
+        directory = self.session.directory
+        kept = []
+        for rcpt in transaction.recipients:
+            if rcpt.local is None:
+                rcpt.local = directory.is_local_address(rcpt.address)
+                if rcpt.local and not directory.mailbox_exists(rcpt.address):
+                    log.error("queue id %s: a plugin added <%s>, which has no mailbox here: "
+                              "not delivered to it", transaction.id, rcpt.address)
+                    continue
+            kept.append(rcpt)
+        transaction.recipients[:] = kept
+        return bool(kept)
 
     async def _client_gone(self) -> bool:
         """Whether the client's end of stream has been seen. A FIN or RST that arrived with

@@ -238,10 +238,12 @@ class RunningServer:
         local address *source* if given (say ``127.0.0.2``, another client address)."""
         return SMTPRaw(self.host, port or self.port, source=source)
 
-    def mailbox(self, address: str) -> list[bytes]:
-        """The messages in the Maildir ``new/`` of *address*, oldest first."""
+    def mailbox(self, address: str, folder: str | None = None) -> list[bytes]:
+        """The messages in the Maildir ``new/`` of *address* (of its *folder*, say
+        ``"Quarantine"``, when given), oldest first."""
         local, _, domain = address.rpartition("@")
-        new = self.maildir / domain.lower() / local.lower() / "new"
+        box = self.maildir / domain.lower() / local.lower()
+        new = (box / f".{folder}" if folder else box) / "new"
         if not new.is_dir():
             return []
         files = sorted(new.iterdir(), key=lambda p: (p.stat().st_mtime_ns, p.name))

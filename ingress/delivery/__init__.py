@@ -85,7 +85,8 @@ def store_mailboxes(session, transaction, message, mailboxes) -> list[str]:
         return []
     config = session.config
     return maildir.deliver(Path(config.data["delivery"]["maildir"]), mailboxes,
-                           trace_headers(transaction, True), message, config.hostname)
+                           trace_headers(transaction, True), message, config.hostname,
+                           transaction.quarantined is not None)
 
 
 def remove(paths) -> None:
@@ -142,7 +143,7 @@ def store(session, transaction, message, *, generated: bool = False) -> Delivere
         if mailboxes:
             written += maildir.deliver(Path(config.data["delivery"]["maildir"]), mailboxes,
                                        trace_headers(transaction, True), message,
-                                       config.hostname)
+                                       config.hostname, transaction.quarantined is not None)
         if relay:
             written += queue.enqueue(Path(config.data["delivery"]["queue"]), transaction.id,
                                      trace_headers(transaction, False), message,

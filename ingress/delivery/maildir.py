@@ -229,11 +229,17 @@ def mailbox_path(root: Path, domain: str, local: str) -> Path:
     return root / domain / local
 
 
+QUARANTINE = ".Quarantine"  # the Maildir++ folder "Quarantine" of a mailbox
+
+
 def deliver(root: Path, mailboxes: list[tuple[str, str]], header: bytes, message,
-            hostname: str) -> list[str]:
+            hostname: str, quarantine: bool = False) -> list[str]:
     """Write one copy into the first mailbox's ``tmp/``, hard-link it into the other mailboxes'
-    ``new/``, rename it into the first one's ``new/``; return the final paths."""
+    ``new/``, rename it into the first one's ``new/``; return the final paths. *quarantine*:
+    into each mailbox's ``Quarantine`` folder instead."""
     boxes = [mailbox_path(root, domain, local) for domain, local in mailboxes]
+    if quarantine:
+        boxes = [box / QUARANTINE for box in boxes]
     for box in boxes:
         ensure_maildir(box)
     try:
