@@ -240,3 +240,14 @@ def test_resolver_must_be_host_and_port(tmp_path, resolver, message):
     result = ingress("check-config", str(path))
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"{path}: /plugins/dnsbl/resolver: {message}"]
+
+
+@pytest.mark.parametrize("entry", ["999.1.1.1", "10.0.0.0/33", "::1::2", "1.2.3.4%eth0"])
+def test_an_allow_entry_that_is_no_network_is_a_config_error(tmp_path, entry):
+    # It used to pass a loose pattern and be skipped at run time with a log line.
+    path = tmp_path / "c.toml"
+    path.write_text(f'[plugins.dnsbl]\nallow = ["192.0.2.1", "{entry}"]\n')
+    result = ingress("check-config", str(path))
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"{path}: /plugins/dnsbl/allow/1: ")

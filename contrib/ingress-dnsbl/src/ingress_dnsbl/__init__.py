@@ -11,13 +11,13 @@ to report errors), each logged as a warning. A block list being down must not st
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import json
 import logging
 from importlib import resources
 
-from ingress import Reply, hookimpl
+from ingress import Reply, hookimpl, ipnets
+from ingress.config import parse_host_port
 
 from ingress_dnsbl.dns import NOERROR, NXDOMAIN, query_a, reverse_name
 
@@ -58,29 +58,8 @@ async def on_rcpt(session, settings):
 
 def client_address(peer_ip: str) -> str | None:
     """The address to look up (IPv4-mapped IPv6 as IPv4), or None if *peer_ip* is none."""
-    try:
-        address = ipaddress.ip_address(peer_ip)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return str(address)
-
-
-@functools.lru_cache(maxsize=32)
-def _networks(allow: tuple[str, ...]):
-    networks = []
-    for entry in allow:
-        try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
-        except ValueError:
-            log.error("dnsbl: ignoring allow entry %r: not an IP address or network", entry)
-    return tuple(networks)
-
-
-def _resolver(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host.strip("[]"), int(port)
+    address = ipnets.client_ip(peer_ip)
+    return None if address is None else str(address)
 
 
 async def listed_by(peer_ip: str, settings: dict) -> tuple[str, str] | None:
@@ -89,8 +68,7 @@ async def listed_by(peer_ip: str, settings: dict) -> tuple[str, str] | None:
     zones = [zone.rstrip(".") for zone in settings["zones"]]
     if address is None or not zones:
         return None
-    ip = ipaddress.ip_address(address)
-    if any(ip in net for net in _networks(tuple(settings["allow"])) if net.version == ip.version):
+    if ipnets.matches(address, settings["allow"]):
         return None
     name = reverse_name(address)
     results = await asyncio.gather(*(
@@ -111,7 +89,7 @@ async def _lookup(address: str, qname: str, zone: str, settings: dict) -> bool:
         return False
 
     try:
-        answer = await query_a(qname, _resolver(resolver), timeout)
+        answer = await query_a(qname, parse_host_port(resolver), timeout)
     except asyncio.TimeoutError:
         return fail_open(f"no answer from {resolver} within {timeout:g}s")
     except OSError as exc:

@@ -16,7 +16,6 @@ Keys are digests of the triplets, so no address is stored.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import ipaddress
 import json
@@ -25,7 +24,7 @@ import time
 from collections.abc import Callable
 from importlib import resources
 
-from ingress import Reply, hookimpl
+from ingress import Reply, hookimpl, ipnets
 
 __all__ = ["Greylist", "network", "plugin", "triplet"]
 
@@ -33,22 +32,10 @@ log = logging.getLogger("ingress_greylist")
 
 GREYLISTED = Reply(451, "4.7.1", "Greylisted, please try again later")
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        return ip.ipv4_mapped
-    return ip
-
 
 def network(peer_ip: str) -> str:
     """The client network of a triplet: IPv4 /24, IPv6 /64, IPv4-mapped IPv6 as IPv4."""
-    ip = _ip(peer_ip)
+    ip = ipnets.client_ip(peer_ip)
     if ip is None:
         return peer_ip
     prefix = 24 if ip.version == 4 else 64
@@ -65,24 +52,8 @@ def _key(parts: tuple[str, str, str]) -> str:
                            digest_size=16).hexdigest()
 
 
-@functools.lru_cache(maxsize=32)
-def _networks(entries: tuple[str, ...]) -> tuple[IPNetwork, ...]:
-    networks = []
-    for entry in entries:
-        try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
-        except ValueError:
-            log.error("greylist: ignoring whitelist entry %r: not an IP address or network",
-                      entry)
-    return tuple(networks)
-
-
 def _whitelisted(peer_ip: str, whitelist: list[str]) -> bool:
-    if not whitelist:
-        return False
-    ip = _ip(peer_ip)
-    return ip is not None and any(
-        ip in net for net in _networks(tuple(whitelist)) if net.version == ip.version)
+    return ipnets.matches(peer_ip, whitelist)
 
 
 class Greylist:

@@ -13,7 +13,6 @@ windows after it was started; the in-process state is bounded (see ``ingress.sta
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
 import logging
@@ -22,13 +21,11 @@ import time
 from collections.abc import Callable
 from importlib import resources
 
-from ingress import Reply, hookimpl
+from ingress import Reply, hookimpl, ipnets
 
 __all__ = ["RateLimit", "client_key", "hit", "plugin"]
 
 log = logging.getLogger("ingress_ratelimit")
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 async def hit(state, key: str, limit: int, window: float, now: float) -> bool:
@@ -47,17 +44,6 @@ async def hit(state, key: str, limit: int, window: float, now: float) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=32)
-def _networks(allow: tuple[str, ...]) -> tuple[IPNetwork, ...]:
-    networks = []
-    for entry in allow:
-        try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
-        except ValueError:
-            log.error("ratelimit: ignoring allow entry %r: not an IP address or network", entry)
-    return tuple(networks)
-
-
 def client_key(peer_ip: str, ipv6_prefix: int) -> str:
     """What a client is counted as: its IPv4 address, or its IPv6 network of *ipv6_prefix*."""
     try:
@@ -72,15 +58,7 @@ def client_key(peer_ip: str, ipv6_prefix: int) -> str:
 
 
 def _allowed(peer_ip: str, allow: list[str]) -> bool:
-    if not allow:
-        return False
-    try:
-        ip = ipaddress.ip_address(peer_ip)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in _networks(tuple(allow)) if net.version == ip.version)
+    return ipnets.matches(peer_ip, allow)
 
 
 class RateLimit:
