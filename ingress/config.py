@@ -28,7 +28,7 @@ import ingress_schemas
 from ingress import ipnets, manager
 from ingress.directory import Directory, DirectoryError
 from ingress.dispatch import Hooks
-from ingress.errors import ConfigError, PluginError
+from ingress.errors import ConfigError, PluginError, pointer
 from ingress.state import check_url
 
 if sys.version_info >= (3, 11):
@@ -260,11 +260,6 @@ def read_file(path: Path) -> Any:
         raise FileError(path, [("", f"cannot parse: {message}")]) from None
     _check_tree(path, data)
     return data
-
-
-def pointer(parts) -> str:
-    """RFC 6901 JSON pointer of a path."""
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
 def apply_defaults(schema: dict, instance: Any) -> None:

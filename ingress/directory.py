@@ -25,6 +25,8 @@ import argon2
 import bcrypt
 import cerberus
 
+from ingress.errors import pointer
+
 __all__ = ["Directory", "DirectoryError", "DomainSettings", "User"]
 
 _HASHER = argon2.PasswordHasher()
@@ -68,11 +70,6 @@ class DomainSettings:
     require_smtp_auth: bool = False
     catch_all: bool = False
     catch_all_max_mailboxes: int = 1000
-
-
-def _pointer(path: Iterable[Any]) -> str:
-    """RFC 6901 JSON pointer for a path of keys/indices."""
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
 
 
 def _is_valid_domain(domain: str) -> bool:
@@ -194,12 +191,12 @@ class _Origin:
 
     def where(self, path: tuple[Any, ...]) -> str:
         if self.file is None:
-            return "/directory" + _pointer(path)
-        return f"{_pointer(path) or '/'} in {self.file}"
+            return "/directory" + pointer(path)
+        return f"{pointer(path) or '/'} in {self.file}"
 
     def error(self, path: tuple[Any, ...], message: str) -> tuple[str, str]:
         if self.file is None:
-            return "/directory" + _pointer(path), message
+            return "/directory" + pointer(path), message
         return "/directory/file", f"{self.where(path)}: {message}"
 
 

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+
+def pointer(parts: Iterable[Any]) -> str:
+    """The RFC 6901 JSON pointer of a path of keys and indexes (``""`` for the root): how every
+    config error names the value it is about."""
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
 
 class IngressError(Exception):
     """An expected error: the CLI prints its lines and exits with :attr:`exit_code`."""

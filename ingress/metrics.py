@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ingress import hookimpl
+from ingress.config import parse_host_port
 
 log = logging.getLogger("ingress.metrics")
 
@@ -101,9 +102,9 @@ async def start_http(listen: str, all_workers: bool = False) -> tuple[asyncio.Ab
     """Serve /metrics on *listen*: this process's metrics, or with *all_workers* those of every
     worker (on a port the parent holds with SO_REUSEPORT)."""
     registry = all_workers_registry() if all_workers else REGISTRY
-    host, _, port = listen.rpartition(":")
+    host, port = parse_host_port(listen, listen=True)
     server = await asyncio.start_server(
-        lambda r, w: _serve_http(r, w, registry), host.strip("[]"), int(port),
+        lambda r, w: _serve_http(r, w, registry), host, port,
         reuse_port=all_workers or None)
     addr = server.sockets[0].getsockname()
     shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]

@@ -23,8 +23,8 @@ log = logging.getLogger("ingress.server")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host.strip("[]"), int(port)
+    """``(host, port)`` of a listen address the config already checked."""
+    return config_mod.parse_host_port(value, listen=True)
 
 
 def tls_context(cfg: config_mod.Config) -> ssl.SSLContext | None:

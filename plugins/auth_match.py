@@ -62,19 +62,10 @@ def on_mail_from(session, transaction, settings):
 def _fields(message) -> dict[str, list[str]]:
     """Values of the top-level From: and Sender: fields, also when written ``From :``."""
     found: dict[str, list[str]] = {"from": [], "sender": []}
-    lines = message.head().decode("utf-8", "surrogateescape").split("\r\n")
-    current: list[str] | None = None
-    for line in lines:
-        if not line:
-            break
-        if line[0] in " \t":
-            if current is not None:
-                current[-1] += " " + line.strip()
-            continue
-        name, colon, value = line.partition(":")
-        current = found.get(name.rstrip(" \t").lower()) if colon else None
-        if current is not None:
-            current.append(value.strip())
+    for name, value in message.headers():
+        values = found.get(name.lower())
+        if values is not None:
+            values.append(value)
     return found
 
 
