@@ -1,144 +1,113 @@
-"""The SMTP protocol: one instance per connection. Private to the core.
+"""The SMTP dialogue: one instance per connection, built on :class:`ingress.connection.Connection`
+(bytes and clocks) and :mod:`ingress.syntax` (pure parsing). Private to the core.
 
-We subclass :class:`aiosmtpd.smtp.SMTP` for its stream plumbing, but replace its command loop,
-because the contract needs what aiosmtpd does not do: hooks on connect/disconnect/every command,
-two timers that answer ``421`` (idle and in-command) instead of one silent one, DATA streamed to
-a spool in bounded memory with strict CRLF.CRLF, our own MAIL/RCPT parameter parsing, enhanced
-status codes on every reply, and processing what a client sent before it closed the connection.
-aiosmtpd's ``__init__`` is skipped on purpose: it inspects the handler on every connection.
+aiosmtpd serves ingress with its PROXY protocol signature (:mod:`ingress.proxy`) and as the
+reference it was checked against; its protocol class is not used: the contract needs what it
+does not do (hooks on connect/disconnect/every command, idle and in-command timers that answer
+``421``, DATA streamed to a spool in bounded memory with strict CRLF.CRLF, BDAT, our own MAIL/RCPT
+parameter parsing, enhanced status codes on every reply, and processing what a client sent
+before it closed the connection). See docs/core-behaviour.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import dataclasses
+import enum
 import logging
-import os
-import re
-import socket
 import time
-from typing import TYPE_CHECKING
-
-from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ingress.auth import AuthCancelled, AuthSyntaxError
+from ingress.connection import BUSY, IDLE, INPUT, READ_LIMIT, TOO_LONG, Connection
 from ingress.dispatch import FAILED
 from ingress.reply import Reply
 from ingress.session import Recipient, Session, Transaction
 from ingress.spool import Message
+from ingress.syntax import (
+    AUTH_LINE_LIMIT,
+    BARE_CR_OR_LF,
+    MAX_RECIPIENTS,
+    bdat_size,
+    parse_params,
+    parse_path,
+    sasl_response,
+    split_command,
+    too_long,
+    valid_address,
+)
 
 if TYPE_CHECKING:
-    from ingress.server import Server
+    import ssl
+
+    from ingress.config import Config
+    from ingress.keycounts import KeyCounts
+    from ingress.state import Backend
 
 log = logging.getLogger("ingress.smtp")
 refusal_log = logging.getLogger("ingress.refusals")  # one line per 4xx/5xx reply
 
-READ_LIMIT = 1 << 18  # stream buffer; DATA is read in chunks of up to this size
-COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
-AUTH_LINE_LIMIT = 12288  # RFC 4954 4
-MAX_RECIPIENTS = 1000
-CLOSE_GRACE = 30.0  # seconds a closing connection may take to flush its last replies
-SALVAGE_CHUNKS = 64  # bound on what is read after a reset: 64 * READ_LIMIT (kernel holds less)
-
-IDLE, BUSY, INPUT = "idle", "busy", "input"  # what the timers look at
-
-_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
-_PARAM_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
-_PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
-_DOMAIN = re.compile(
-    r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z"
-    r"|\[[A-Za-z0-9:.]+\]\Z"
-)
-_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
-_QUOTED = re.compile(r'"([\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
-
 R_SYNTAX = Reply(500, "5.5.2", "Syntax error, command unrecognized")
 R_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 R_NEED_HELO = Reply(503, "5.5.1", "Send HELO/EHLO first")
+R_NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
 R_OK = Reply(250, "2.0.0", "OK")
 R_SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 R_RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 
 
-def valid_address(address: str) -> bool:
-    """RFC 5321 Mailbox syntax: dot-atom or quoted local part, hostname or address literal."""
-    local, at, domain = address.rpartition("@")
-    if not at or not local or len(address) > 254 or len(local) > 64:
-        return False
-    return bool((_DOT_ATOM.match(local) or _QUOTED.match(local)) and _DOMAIN.match(domain))
+class Host(Protocol):
+    """What a connection needs of the server that accepted it (ingress.server.Server)."""
+
+    config: Config
+    tls_context: ssl.SSLContext | None
+    key_counts: KeyCounts
+    state: Backend | None
+
+    @property
+    def connections(self) -> int: ...
+    def connection_opened(self, protocol: Any) -> None: ...
+    def connection_closed(self, protocol: Any) -> None: ...
+    def session_ended(self, protocol: Any) -> None: ...
+    def message_accepted(self, session: Session, transaction: Transaction,
+                         message: Message) -> None: ...
+    def spool_dir(self, cfg: Config) -> Path: ...
 
 
-def parse_path(arg: str, keyword: str) -> tuple[str, str] | None:
-    """Split ``FROM:<addr> params`` into (address, params text); None if the keyword is wrong."""
-    if arg[: len(keyword)].upper() != keyword:
-        return None
-    rest = arg[len(keyword):].lstrip()
-    if rest.startswith("<"):
-        end = rest.find(">")
-        if end < 0:
-            return None
-        address, params = rest[1:end], rest[end + 1:]
-        if params and not params.startswith(" "):
-            return None
-    else:
-        address, _, params = rest.partition(" ")
-    if address.startswith("@"):  # a source route "@a,@b:user@d": ignore the route
-        address = address.partition(":")[2]
-    return address, params.strip()
+class Stage(enum.Enum):
+    """Where the dialogue is; each command checks it, and only the commands below change it."""
+
+    GREETING = "before HELO"  # connected, or after STARTTLS: HELO/EHLO first
+    READY = "ready"  # after HELO/EHLO, RSET or the end of a message
+    MAIL = "after MAIL"  # a transaction without recipients yet
+    RCPT = "after RCPT"  # a transaction with recipients: DATA or BDAT may follow
+    CHUNKS = "in BDAT"  # BDAT chunks of the transaction received; more or LAST follow
 
 
-def parse_params(text: str) -> tuple[dict[str, str | None], str | None]:
-    """ESMTP parameters as {UPPER KEY: value or None}, and a syntax error message or None."""
-    params: dict[str, str | None] = {}
-    for item in text.split():
-        key, eq, value = item.partition("=")
-        if not _PARAM_KEY.match(key) or (eq and not _PARAM_VALUE.match(value)):
-            return params, f"Malformed parameter {item[:40]!r}"
-        key = key.upper()
-        if key in params:
-            return params, f"Duplicate parameter {key}"
-        params[key] = value if eq else None
-    return params, None
-
-
-class SMTPProtocol(AiosmtpdSMTP):
-    def __init__(self, server: Server, *, tls_listener: bool, peer: tuple, local: tuple):
-        # Deliberately not calling AiosmtpdSMTP.__init__ (see module docstring).
-        asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(limit=READ_LIMIT), self._cb_client_connected
-        )
+class SMTPProtocol(Connection):
+    def __init__(self, server: Host, *, tls_listener: bool, peer: tuple, local: tuple):
+        super().__init__(plain=not tls_listener)
         self.server = server
         self.config = server.config  # this connection's config generation
         self.hooks = self.config.hooks
-        self.loop = asyncio.get_running_loop()
         self.tls_listener = tls_listener
         self._peer, self._local = peer, local  # from accept(), not the transport (see Listener)
-        self.transport = None
         self.session: Session | None = None
-        self._phase = BUSY
-        self._timer: asyncio.TimerHandle | None = None
-        self._last_rx = self._last_reply = 0.0
-        self._eof = False  # the client's end of stream was seen
-        self._aborted = False  # we cut the session: process nothing more
+        self.stage = Stage.GREETING
         self._counted = False  # this connection is in server.connections
         self._keys: list[str] = []  # and counted under these keys (session.count_concurrent)
-        self._rx_octets = 0  # received on this connection so far
-        self._rate_from: tuple[float, int] | None = None  # see _start_data_rate
-        self._plain = not tls_listener  # no TLS layer (yet) between the socket and us
         self._handler_task: asyncio.Task | None = None
-        self._out: list[bytes] = []  # replies not yet handed to the transport (see _flush)
         self._on_command = self.hooks.has("on_command")
         self._on_reply = self.hooks.has("on_reply")
-        self._chunks: tuple[Transaction, Message] | None = None  # BDAT chunks received so far
+        self._chunks: Message | None = None  # BDAT chunks received so far (stage CHUNKS)
         self._verb = "CONNECT"  # the command being answered (the connection, before any)
 
-    # --- transport events -------------------------------------------------------------------
+    # --- the connection's life ----------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
-        asyncio.StreamReaderProtocol.connection_made(self, transport)
-        self.transport = transport
+        super().connection_made(transport)
         self.server.connection_opened(self)
         self._counted = True
         self.session = Session(
@@ -149,55 +118,8 @@ class SMTPProtocol(AiosmtpdSMTP):
             connections=self.server.connections,
         )
         self.session._count_concurrent = self._count_concurrent
-        self._last_rx = self._last_reply = self.loop.time()
         self.session.state_backend = self.server.state
         self._handler_task = self.loop.create_task(self._handle_client())
-
-    def data_received(self, data: bytes) -> None:
-        self._last_rx = self.loop.time()
-        self._rx_octets += len(data)
-        asyncio.StreamReaderProtocol.data_received(self, data)
-        if self._phase == IDLE and "command" in self.session.timeouts:
-            self._arm()  # a partial command line now runs on the command timer
-
-    def eof_received(self):
-        self._eof = True
-        return asyncio.StreamReaderProtocol.eof_received(self)
-
-    def connection_lost(self, exc) -> None:
-        self._eof = True
-        self._cancel_timer()
-        if exc is not None and not self._aborted:
-            self._salvage()
-        # Feed EOF rather than the error: what the client sent before it went is still processed.
-        asyncio.StreamReaderProtocol.connection_lost(self, None)
-        self._release()
-
-    def _salvage(self) -> None:
-        """Take in what the kernel still holds from a client that reset the connection.
-
-        A client may send a whole session in one write and reset the connection at once. When
-        one of our replies then fails to go out, asyncio stops reading, though Linux still hands
-        out the data that arrived before the reset; read it, so that it is processed like data
-        before a FIN. Only on asyncio's own loop (whose socket is closed after this callback,
-        never before) and on plaintext (TLS records cannot be read past the TLS layer).
-        """
-        if not self._plain or not isinstance(self.loop, asyncio.SelectorEventLoop):
-            return
-        try:
-            fd = os.dup(self.transport.get_extra_info("socket").fileno())
-        except (AttributeError, OSError, ValueError):
-            return
-        with socket.socket(fileno=fd) as sock:
-            sock.setblocking(False)
-            for _ in range(SALVAGE_CHUNKS):
-                try:
-                    chunk = sock.recv(READ_LIMIT)
-                except OSError:  # nothing more (EAGAIN), or the reset itself
-                    break
-                if not chunk:
-                    break
-                self._reader.feed_data(chunk)
 
     def _release(self) -> None:
         """Stop counting this connection, once: when it is lost or when we cut it."""
@@ -216,109 +138,24 @@ class SMTPProtocol(AiosmtpdSMTP):
             return counts.total(key)
         return counts.total(key) + 1
 
-    # --- timers: the core owns the clock, plugins set the durations ---------------------------
+    def _timeouts(self) -> dict[str, float]:
+        return self.session.timeouts
 
-    def _set_phase(self, phase: str) -> None:
-        self._phase = phase
-        self._arm()
+    def _data_rate(self) -> tuple[float, float] | None:
+        return self.session.min_data_rate
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _due(self) -> tuple[str, float] | None:
-        """Which timer runs now and when it is due: the command timer while a command is
-        under way on the client's side (a partial line, after 354 or 334, or while our replies
-        wait for the client to read them), the idle timer between commands."""
-        if self._phase == INPUT or (self._phase == IDLE and len(self._reader._buffer)):
-            kind = "command"
-        elif self._phase == IDLE:
-            kind = "idle"
-        else:
-            return None
-        seconds = self.session.timeouts.get(kind)
-        due = None if seconds is None else max(self._last_reply, self._last_rx) + seconds
-        rate = self.session.min_data_rate
-        if kind == "command" and rate and self._rate_from is not None:
-            started, octets = self._rate_from
-            # when what arrived since the start falls below rate * (t - grace)
-            behind = started + rate[1] + (self._rx_octets - octets) / rate[0]
-            if due is None or behind < due:
-                return "data rate", behind
-        return None if due is None else (kind, due)
-
-    def _start_data_rate(self) -> None:
-        """A DATA body or a BDAT chunk starts: from now on it runs on the minimum data
-        rate too, if one is set (session.set_min_data_rate), until _stop_data_rate."""
-        self._rate_from = (self.loop.time(), self._rx_octets - len(self._reader._buffer))
-
-    def _stop_data_rate(self) -> None:
-        self._rate_from = None
-
-    def _arm(self) -> None:
-        self._cancel_timer()
-        due = self._due()
-        if due is not None and self.transport is not None:
-            self._timer = self.loop.call_at(due[1], self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        due = self._due()
-        if due is None:
-            return
-        kind, when = due
-        if when > self.loop.time():  # activity since we armed: wait for the rest
-            self._timer = self.loop.call_at(when, self._on_timer)
-            return
+    def _timed_out(self, kind: str) -> None:
         text = "Session timeout" if kind == "idle" else "Command timeout"
         log.info("session %s %s: %s%s", self.session.id, self.session.peer_ip, text.lower(),
                  " (data rate)" if kind == "data rate" else "")
-        if self.transport.get_write_buffer_size() or not (self._plain or self.session.tls):
+        if self._unread_replies() or not (self._plain or self.session.tls):
             # It has not even taken our earlier replies, or it is stuck in the TLS handshake
             # after STARTTLS: a 421 could not reach it.
             self.abort(None, hard=True)
             return
         self.abort(Reply(421, "4.4.2", f"{self.session.hostname} {text}", close=True))
 
-    def abort(self, reply: Reply | None, hard: bool = False) -> None:
-        """Cut the session now: send *reply* if any, close, process nothing more. The close
-        waits for the last replies to go out, for at most CLOSE_GRACE seconds; *hard* closes at
-        once with a reset."""
-        self._aborted = True
-        self._cancel_timer()
-        self._release()
-        if reply is not None:
-            self._write(reply.wire())
-        transport = self.transport
-        if transport is not None and hard:
-            self._out.clear()
-            transport.abort()
-        else:
-            self._close()  # hands over the collected replies first
-            if transport is not None and transport.get_write_buffer_size():
-                self.loop.call_later(CLOSE_GRACE, transport.abort)  # a client that reads nothing
-        self._reader.feed_eof()
-
-    # --- writing ------------------------------------------------------------------------------
-    # Replies are collected and handed to the transport in one write when the session is about
-    # to wait for input (or closes): pipelined commands get their replies in one segment, as
-    # RFC 2920 allows, and the common MAIL/RCPT/DATA burst costs one system call, not three.
-
-    def _write(self, data: bytes) -> None:
-        self._out.append(data)
-
-    def _flush(self) -> None:
-        if self._out:
-            data = b"".join(self._out)
-            self._out.clear()
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(data)
-
-    def _close(self) -> None:
-        self._flush()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+    # --- replies ------------------------------------------------------------------------------
 
     async def send(self, reply: Reply, plugin: str = "core") -> None:
         self._write(reply.wire())
@@ -340,14 +177,8 @@ class SMTPProtocol(AiosmtpdSMTP):
             return
         if len(self._out) > 64:  # a client pipelining without reading: hand over, then drain
             self._flush()
-        if self.transport is not None and self.transport.get_write_buffer_size() > READ_LIMIT:
-            # The client is not reading our replies: wait for it, on the command timer.
-            self._set_phase(INPUT)
-            try:
-                await self._writer.drain()
-            except ConnectionError:
-                pass
-            self._set_phase(BUSY)
+        if self._unread_replies() > READ_LIMIT:
+            await self._client_reads()  # it is not reading our replies: wait for it
 
     def _log_refusal(self, reply: Reply, plugin: str) -> None:
         """One log line per refusal: the plugin (``core`` for the protocol's own), the command
@@ -413,64 +244,45 @@ class SMTPProtocol(AiosmtpdSMTP):
         self._set_phase(IDLE)
         return True
 
-    async def _read_command(self, limit: int = COMMAND_LIMIT) -> bytes | None:
-        """One command line (without line ending); ``b"\\0too-long"`` for an over-long line;
-        None at end of stream."""
-        if limit == COMMAND_LIMIT:
-            self._set_phase(IDLE)
-        reader = self._reader
-        if self._out and b"\n" not in reader._buffer:
+    async def _read_command(self) -> bytes | None:
+        """One command line (without line ending); TOO_LONG for an over-long line; None at the
+        end of the stream. The client's turn: on the idle timer until a partial line arrives."""
+        self._set_phase(IDLE)
+        if self._out and not self.has_line():
             self._flush()  # we are going to wait for the client
-        try:
-            line = await reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError:
-            return None
-        except asyncio.LimitOverrunError as exc:
-            await reader.readexactly(exc.consumed)
-            while True:  # discard the rest of the over-long line, in bounded pieces
-                try:
-                    await reader.readuntil(b"\n")
-                    break
-                except asyncio.LimitOverrunError as more:
-                    await reader.readexactly(more.consumed)
-                except asyncio.IncompleteReadError:
-                    return None
-            return b"\0too-long"
-        if len(line) > limit and not (
-            len(line) <= AUTH_LINE_LIMIT and line[:5].upper() == b"AUTH "
-        ):
-            return b"\0too-long"
-        return line.rstrip(b"\r\n")
+        line = await self.read_line()
+        if line is None or line is TOO_LONG:
+            return line
+        return TOO_LONG if too_long(line) else line.rstrip(b"\r\n")
 
     async def _read_command_input(self) -> bytes | None:
-        """A line answering a ``334`` challenge: on the command timer, AUTH line limit; then
-        the server's turn again (checking a password runs on no timer)."""
+        """A line answering a ``334`` challenge: on the command timer; then the server's turn
+        again (checking a password runs on no timer)."""
         self._set_phase(INPUT)
-        line = await self._read_command(AUTH_LINE_LIMIT)
+        if self._out and not self.has_line():
+            self._flush()
+        line = await self.read_line()
         self._set_phase(BUSY)
-        return line
+        if line is None or line is TOO_LONG:
+            return line
+        return TOO_LONG if len(line) > AUTH_LINE_LIMIT else line.rstrip(b"\r\n")
 
     async def _dispatch(self, line: bytes) -> None:
         self._verb = "?"  # not known yet
-        if line == b"\0too-long":
+        if line is TOO_LONG:
             await self.send(R_LINE_TOO_LONG)
             return
         if b"\0" in line:
             await self.send(R_SYNTAX)
             return
-        verb_bytes, _, arg_bytes = line.partition(b" ")
-        try:
-            verb = verb_bytes.decode("ascii").upper()
-        except UnicodeDecodeError:
-            verb = ""
-        arg = arg_bytes.decode("utf-8", "surrogateescape").strip()
+        verb, arg = split_command(line)
         self._verb = verb if verb.isalpha() and len(verb) <= 16 else "?"  # safe in a log line
         if self._on_command:
             reply, plugin = await self.hooks.call("on_command", session=self.session,
                                                     verb=verb, arg=arg)
             if reply is not None:
                 if verb == "BDAT" and not reply.close:  # its octets follow: read them first
-                    size = _bdat_size(arg)
+                    size = bdat_size(arg)
                     if size is not None and not await self._read_octets(size[0], None):
                         return
                 await self.send(reply, plugin)
@@ -483,6 +295,11 @@ class SMTPProtocol(AiosmtpdSMTP):
                 await self.send(R_SYNTAX)
             return
         await method(self, arg)
+
+    def _enter(self, stage: Stage) -> None:
+        if stage is not Stage.CHUNKS:
+            self._drop_chunks()
+        self.stage = stage
 
     # --- commands -----------------------------------------------------------------------------
 
@@ -500,6 +317,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         session.reset_smtp_state()
         session.auth_user = auth_user  # a second EHLO does not log the client out
         session.helo, session.esmtp = arg, verb == "EHLO"
+        self._enter(Stage.READY)
         greeting = f"{session.hostname} Hello {arg} {session.ip_literal}"
         if verb == "HELO":
             await self.send(Reply(250, "", greeting))
@@ -526,10 +344,10 @@ class SMTPProtocol(AiosmtpdSMTP):
 
     async def cmd_mail(self, arg: str) -> None:
         session = self.session
-        if session.helo is None:
+        if self.stage is Stage.GREETING:
             await self.send(R_NEED_HELO)
             return
-        if session.transaction is not None:
+        if self.stage is not Stage.READY:
             await self.send(Reply(503, "5.5.1", "Nested MAIL command"))
             return
         parsed = parse_path(arg, "FROM:")
@@ -551,13 +369,14 @@ class SMTPProtocol(AiosmtpdSMTP):
             await self.send(reply, plugin)
             return
         session.transaction = transaction
+        self._enter(Stage.MAIL)
         await self.send(reply or R_SENDER_OK, plugin or "core")
 
     async def cmd_rcpt(self, arg: str) -> None:
         session = self.session
         transaction = session.transaction
-        if transaction is None:
-            await self.send(Reply(503, "5.5.1", "Need MAIL command first"))
+        if self.stage not in (Stage.MAIL, Stage.RCPT, Stage.CHUNKS):
+            await self.send(R_NEED_MAIL)
             return
         parsed = parse_path(arg, "TO:")
         if parsed is None:
@@ -584,21 +403,23 @@ class SMTPProtocol(AiosmtpdSMTP):
             await self.send(reply, plugin)
             return
         transaction.recipients.append(recipient)
+        if self.stage is Stage.MAIL:
+            self._enter(Stage.RCPT)
         await self.send(reply or R_RECIPIENT_OK, plugin or "core")
 
     async def cmd_data(self, arg: str) -> None:
         session = self.session
         transaction = session.transaction
-        if transaction is None:
-            await self.send(Reply(503, "5.5.1", "Need MAIL command first"))
+        if self.stage not in (Stage.MAIL, Stage.RCPT, Stage.CHUNKS):
+            await self.send(R_NEED_MAIL)
             return
-        if not transaction.recipients:
+        if self.stage is Stage.MAIL:
             await self.send(Reply(503, "5.5.1", "Need RCPT command first"))
             return
         if arg:
             await self.send(Reply(501, "5.5.4", "Syntax: DATA"))
             return
-        if self._chunks_of(transaction) is not None:
+        if self.stage is Stage.CHUNKS:
             await self.send(Reply(503, "5.5.1", "DATA not allowed after BDAT"))
             return
         if (transaction.mail_params.get("BODY") or "").upper() == "BINARYMIME":
@@ -612,6 +433,7 @@ class SMTPProtocol(AiosmtpdSMTP):
             complete = await self._receive(message)
             self._stop_data_rate()
             session.transaction = None
+            self._enter(Stage.READY)
             if not complete or self._aborted:
                 return  # an incomplete message is never delivered
             await self._finish_message(transaction, message)
@@ -621,14 +443,13 @@ class SMTPProtocol(AiosmtpdSMTP):
 
     async def _receive(self, message: Message) -> bool:
         """Stream the DATA body into *message*: dot-unstuffed, bare CR/LF made CRLF, strictly
-        ended by CRLF.CRLF. Bytes the client pipelined after the end stay in the reader."""
+        ended by CRLF.CRLF. Octets the client pipelined after the end stay in the input."""
         self._set_phase(INPUT)
         self._flush()  # the 354 (and the replies pipelined before it)
-        reader = self._reader
         pending = b"\r\n"  # the body starts at a line start; this CRLF is not stored
         first = True
         while True:
-            chunk = await reader.read(READ_LIMIT)
+            chunk = await self.read_some(READ_LIMIT)
             if not chunk or self._aborted:
                 return False
             buf = pending + chunk
@@ -636,7 +457,7 @@ class SMTPProtocol(AiosmtpdSMTP):
             if end >= 0:
                 body, rest = buf[: end + 2], buf[end + 5:]
                 if rest:
-                    reader._buffer[0:0] = rest  # pipelined commands after the final dot
+                    self.unread(rest)  # pipelined commands after the final dot
                 pending = b""
             else:
                 # Keep from the last CRLF on, so that no CRLF.CRLF or CRLF. straddles chunks.
@@ -648,7 +469,7 @@ class SMTPProtocol(AiosmtpdSMTP):
                 body = body.replace(b"\r\n.", b"\r\n")
                 crlf = body.count(b"\r\n")
                 if body.count(b"\r") != crlf or body.count(b"\n") != crlf:  # rare: regex
-                    body = _BARE_CR_OR_LF.sub(b"\r\n", body)
+                    body = BARE_CR_OR_LF.sub(b"\r\n", body)
                 if first:
                     body, first = body[2:], False
                 message.write(body)
@@ -658,33 +479,34 @@ class SMTPProtocol(AiosmtpdSMTP):
     async def cmd_bdat(self, arg: str) -> None:
         """A chunk of the message (RFC 3030): exactly *n* octets, read before any reply."""
         session = self.session
-        size = _bdat_size(arg)
+        size = bdat_size(arg)
         if size is None:  # nothing is read: a size we cannot parse is no promise of octets
             await self.send(Reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]"))
             return
         octets, last = size
         transaction = session.transaction
         error = None
-        if transaction is None:
-            error = Reply(503, "5.5.1", "Need MAIL command first")
-        elif not transaction.recipients:
+        if self.stage not in (Stage.MAIL, Stage.RCPT, Stage.CHUNKS):
+            error = R_NEED_MAIL
+        elif self.stage is Stage.MAIL:
             error = Reply(503, "5.5.1", "Need RCPT command first")
         if error is not None:
             if await self._read_octets(octets, None):
                 await self.send(error)
             return
-        message = self._chunks_of(transaction)
-        if message is None:
-            message = Message(self.server.spool_dir(self.config), transaction.data_limit)
-            self._chunks = (transaction, message)
+        if self._chunks is None:
+            self._chunks = Message(self.server.spool_dir(self.config), transaction.data_limit)
+            self._enter(Stage.CHUNKS)
+        message = self._chunks
         if not await self._read_octets(octets, message) or self._aborted:
             self._drop_chunks()  # an incomplete message is never delivered
             return
         if not last:
             await self.send(Reply(250, "2.0.0", f"{octets} octets received"))
             return
-        self._chunks = None
+        self._chunks = None  # this call closes it
         session.transaction = None
+        self._enter(Stage.READY)
         try:
             await self._finish_message(transaction, message)
         finally:
@@ -693,14 +515,13 @@ class SMTPProtocol(AiosmtpdSMTP):
     async def _read_octets(self, count: int, message: Message | None) -> bool:
         """Read exactly *count* octets (a BDAT chunk) into *message*, or throw them away when it
         is None; on the command timer and the minimum data rate. False at end of stream."""
-        reader = self._reader
         self._set_phase(INPUT)
-        if len(reader._buffer) < count:
+        if self.buffered() < count:
             self._flush()  # we are going to wait for the client
         self._start_data_rate()
         try:
             while count:
-                data = await reader.read(min(count, READ_LIMIT))
+                data = await self.read_some(min(count, READ_LIMIT))
                 if not data or self._aborted:
                     return False
                 count -= len(data)
@@ -711,16 +532,9 @@ class SMTPProtocol(AiosmtpdSMTP):
         self._set_phase(BUSY)
         return True
 
-    def _chunks_of(self, transaction: Transaction) -> Message | None:
-        """The BDAT chunks received for *transaction*, if any; chunks of an earlier
-        transaction (ended by RSET, EHLO, STARTTLS...) are dropped here."""
-        if self._chunks is not None and self._chunks[0] is not transaction:
-            self._drop_chunks()
-        return None if self._chunks is None else self._chunks[1]
-
     def _drop_chunks(self) -> None:
         if self._chunks is not None:
-            self._chunks[1].close()
+            self._chunks.close()
             self._chunks = None
 
     async def _finish_message(self, transaction: Transaction, message: Message) -> None:
@@ -805,7 +619,7 @@ class SMTPProtocol(AiosmtpdSMTP):
 
     async def cmd_rset(self, arg: str) -> None:
         self.session.transaction = None
-        self._drop_chunks()
+        self._enter(Stage.GREETING if self.stage is Stage.GREETING else Stage.READY)
         await self.send(R_OK)
 
     async def cmd_noop(self, arg: str) -> None:
@@ -847,14 +661,14 @@ class SMTPProtocol(AiosmtpdSMTP):
         if arg:
             await self.send(Reply(501, "5.5.4", "Syntax: STARTTLS"))
             return
-        if session.helo is None:
+        if self.stage is Stage.GREETING:
             await self.send(R_NEED_HELO)
             return
         self._write(Reply(220, "2.0.0", "Ready to start TLS").wire())
         self._flush()
         # Whatever the client pipelined after STARTTLS in plaintext is discarded (RFC 3207 4.2;
-        # cf. CVE-2021-38371, CVE-2024-34083): the reader is emptied before the handshake.
-        self._reader._buffer.clear()
+        # cf. CVE-2021-38371, CVE-2024-34083): the input is emptied before the handshake.
+        self.drop_input()
         self._set_phase(INPUT)
         self._plain = False
         try:
@@ -867,14 +681,12 @@ class SMTPProtocol(AiosmtpdSMTP):
         if transport is None:
             self.abort(None)
             return
-        # No second clear here: the client may send its first command together with its last
-        # handshake message, and that command is already in the reader, encrypted as it should be.
+        # No second emptying here: the client may send its first command together with its
+        # last handshake message, and that command is already in the input, decrypted.
         self.transport = transport
-        self._reader._transport = transport
-        self._writer._transport = transport
-        self._over_ssl = True
         session.tls = True
         session.reset_smtp_state()
+        self._enter(Stage.GREETING)
 
     async def cmd_auth(self, arg: str) -> None:
         session = self.session
@@ -884,7 +696,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         if session.auth_user is not None:
             await self.send(Reply(503, "5.5.1", "Already authenticated"))
             return
-        if session.transaction is not None:
+        if self.stage is not Stage.READY:
             await self.send(Reply(503, "5.5.1", "AUTH not allowed during a mail transaction"))
             return
         name, _, initial = arg.partition(" ")
@@ -907,7 +719,7 @@ class SMTPProtocol(AiosmtpdSMTP):
         try:
             first = None
             if initial:
-                first = b"" if initial.strip() == "=" else self._b64(initial.strip())
+                first = b"" if initial.strip() == "=" else sasl_response(initial.strip())
             user = await mechanism.authenticate(session, _Exchange(self), first)
         except AuthCancelled:
             await self.send(Reply(501, "5.7.0", "Authentication cancelled"))
@@ -923,15 +735,6 @@ class SMTPProtocol(AiosmtpdSMTP):
         session.auth_user = user
         await self.send(Reply(235, "2.7.0", "Authentication successful"))
 
-    @staticmethod
-    def _b64(text: str) -> bytes:
-        if text == "*":
-            raise AuthCancelled()
-        try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise AuthSyntaxError() from None
-
 
 COMMANDS = {
     "HELO": SMTPProtocol.cmd_helo, "EHLO": SMTPProtocol.cmd_helo, "MAIL": SMTPProtocol.cmd_mail,
@@ -941,16 +744,6 @@ COMMANDS = {
     "STARTTLS": SMTPProtocol.cmd_starttls, "AUTH": SMTPProtocol.cmd_auth,
     "BDAT": SMTPProtocol.cmd_bdat,
 }
-
-
-def _bdat_size(arg: str) -> tuple[int, bool] | None:
-    """``BDAT`` arguments as (octets, last), or None when they are not ``<digits> [LAST]``."""
-    words = [word for word in arg.split(" ") if word]
-    if not 1 <= len(words) <= 2 or (len(words) == 2 and words[1].upper() != "LAST"):
-        return None
-    if not (words[0].isascii() and words[0].isdigit()) or len(words[0]) > 20:
-        return None
-    return int(words[0]), len(words) == 2
 
 
 class _Gone(Exception):
@@ -970,9 +763,9 @@ class _Exchange:
         line = await p._read_command_input()
         if line is None:
             raise _Gone()
-        if line == b"\0too-long":
+        if line is TOO_LONG:
             raise AuthSyntaxError()
-        return p._b64(line.decode("ascii", "replace").strip())
+        return sasl_response(line.decode("ascii", "replace").strip())
 
     @property
     def closed(self) -> bool:

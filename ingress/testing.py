@@ -760,11 +760,11 @@ class PluginHarness:
     def message(self, data: bytes | str, *, data_limit: int | None = None) -> Message:
         """A message as received after DATA: *data* (``str`` is UTF-8) with bare CR or LF made
         CRLF and a final CRLF, as the core stores it; past *data_limit* it is ``oversized``."""
-        from ingress.smtp import _BARE_CR_OR_LF
         from ingress.spool import Message
+        from ingress.syntax import BARE_CR_OR_LF
 
         raw = data.encode() if isinstance(data, str) else bytes(data)
-        raw = _BARE_CR_OR_LF.sub(b"\r\n", raw)
+        raw = BARE_CR_OR_LF.sub(b"\r\n", raw)
         if raw and not raw.endswith(b"\r\n"):
             raw += b"\r\n"
         if self._spool_dir is None:

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingress.smtp import COMMAND_LIMIT, _bdat_size, parse_params, parse_path, valid_address
+from ingress.syntax import COMMAND_LIMIT, bdat_size, parse_params, parse_path, valid_address
 from ingress.testing import SMTPRaw, server_config, start_subprocess
 
 PIECES = [
@@ -164,7 +164,7 @@ def test_every_reply_to_hostile_commands_is_well_formed(server, commands):
             data = data.replace(b"\r", b"").replace(b"\n", b"")
             octets = b""
             if data[:5].upper() == b"BDAT " and len(data) + 2 <= COMMAND_LIMIT:
-                size = _bdat_size(data[5:].decode("utf-8", "surrogateescape").strip())
+                size = bdat_size(data[5:].decode("utf-8", "surrogateescape").strip())
                 if size is not None:  # a valid BDAT is followed by its octets
                     if size[0] > 4096:
                         continue

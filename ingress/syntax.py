@@ -1,0 +1,104 @@
+"""The pure syntax of SMTP commands: no I/O, no state, every function total on any input and
+linear in its length (tests/core/test_parser_property.py checks both). Private to the core."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+from ingress.auth import AuthCancelled, AuthSyntaxError
+
+COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
+AUTH_LINE_LIMIT = 12288  # RFC 4954 4
+MAX_RECIPIENTS = 1000
+
+BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_PARAM_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
+_DOMAIN = re.compile(
+    r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z"
+    r"|\[[A-Za-z0-9:.]+\]\Z"
+)
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
+_QUOTED = re.compile(r'"([\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
+
+
+def split_command(line: bytes) -> tuple[str, str]:
+    """``(VERB, argument)`` of a command line without its line ending: the verb upper-cased
+    (``""`` when it is not ASCII), the argument decoded (UTF-8, undecodable bytes kept as
+    surrogate escapes) and stripped."""
+    verb_bytes, _, arg_bytes = line.partition(b" ")
+    try:
+        verb = verb_bytes.decode("ascii").upper()
+    except UnicodeDecodeError:
+        verb = ""
+    return verb, arg_bytes.decode("utf-8", "surrogateescape").strip()
+
+
+def too_long(line: bytes) -> bool:
+    """Whether a command line (with its line ending) is over the limit: 512 octets, an AUTH
+    line (which may carry an initial response) 12288."""
+    return len(line) > COMMAND_LIMIT and not (
+        len(line) <= AUTH_LINE_LIMIT and line[:5].upper() == b"AUTH ")
+
+
+def valid_address(address: str) -> bool:
+    """RFC 5321 Mailbox syntax: dot-atom or quoted local part, hostname or address literal."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local or len(address) > 254 or len(local) > 64:
+        return False
+    return bool((_DOT_ATOM.match(local) or _QUOTED.match(local)) and _DOMAIN.match(domain))
+
+
+def parse_path(arg: str, keyword: str) -> tuple[str, str] | None:
+    """Split ``FROM:<addr> params`` into (address, params text); None if the keyword is wrong."""
+    if arg[: len(keyword)].upper() != keyword:
+        return None
+    rest = arg[len(keyword):].lstrip()
+    if rest.startswith("<"):
+        end = rest.find(">")
+        if end < 0:
+            return None
+        address, params = rest[1:end], rest[end + 1:]
+        if params and not params.startswith(" "):
+            return None
+    else:
+        address, _, params = rest.partition(" ")
+    if address.startswith("@"):  # a source route "@a,@b:user@d": ignore the route
+        address = address.partition(":")[2]
+    return address, params.strip()
+
+
+def parse_params(text: str) -> tuple[dict[str, str | None], str | None]:
+    """ESMTP parameters as {UPPER KEY: value or None}, and a syntax error message or None."""
+    params: dict[str, str | None] = {}
+    for item in text.split():
+        key, eq, value = item.partition("=")
+        if not _PARAM_KEY.match(key) or (eq and not _PARAM_VALUE.match(value)):
+            return params, f"Malformed parameter {item[:40]!r}"
+        key = key.upper()
+        if key in params:
+            return params, f"Duplicate parameter {key}"
+        params[key] = value if eq else None
+    return params, None
+
+
+def bdat_size(arg: str) -> tuple[int, bool] | None:
+    """``BDAT`` arguments as (octets, last), or None when they are not ``<digits> [LAST]``."""
+    words = [word for word in arg.split(" ") if word]
+    if not 1 <= len(words) <= 2 or (len(words) == 2 and words[1].upper() != "LAST"):
+        return None
+    if not (words[0].isascii() and words[0].isdigit()) or len(words[0]) > 20:
+        return None
+    return int(words[0]), len(words) == 2
+
+
+def sasl_response(text: str) -> bytes:
+    """A base64 SASL response; ``*`` cancels (AuthCancelled), bad base64 is AuthSyntaxError."""
+    if text == "*":
+        raise AuthCancelled()
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise AuthSyntaxError() from None
