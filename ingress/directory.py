@@ -26,6 +26,7 @@ import bcrypt
 import cerberus
 
 from ingress.errors import pointer
+from ingress.files import FileError, read_file
 
 __all__ = ["Directory", "DirectoryError", "DomainSettings", "User"]
 
@@ -240,8 +241,6 @@ def _entries(source: _Source, name: str) -> Iterator[tuple[Any, Any]]:
 
 
 def _load_file(path: Path, errors: list[tuple[str, str]]) -> Mapping[str, Any] | None:
-    from ingress.config import FileError, read_file  # config imports this module
-
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".yaml", ".yml", ".json"):
         errors.append(("/directory/file", f"{path}: unsupported file type (not .toml/.yaml/.json)"))

@@ -34,6 +34,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from ingress import config as config_mod
+from ingress import files
 from ingress.errors import IngressError
 from ingress.keycounts import clear_region, shared_table
 
@@ -53,7 +54,7 @@ def wanted(path: str | None) -> int:
     if path is None:
         return 1
     try:
-        raw = config_mod.read_file(Path(path))
+        raw = files.read_file(Path(path))
     except IngressError:
         return 1
     server = raw.get("server") if isinstance(raw, dict) else None

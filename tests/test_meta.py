@@ -53,3 +53,39 @@ def test_every_hook_section_shows_its_exact_signature_and_semantics(hook):
     section = docs.split(f"\n### {hook}\n", 1)[1].split("\n#", 1)[0]
     line = f"`{signature(hook)}` ({hookspecs.semantics_of(hook)})"
     assert section.startswith(line + "\n"), f"docs/hooks.md, {hook}: start with {line}"
+
+
+def _imports(module: Path) -> set[str]:
+    """The ingress modules *module* imports, at run time or for type checking alike."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ingress"):
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("ingress"))
+    return names
+
+
+def test_the_core_has_no_import_cycle():
+    core = {f"ingress.{p.stem}": p for p in (ROOT / "ingress").glob("*.py")}
+    graph = {name: {m for m in _imports(path) if m in core and m != name}
+             for name, path in core.items()}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph[start] - seen:
+            if nxt == goal or reaches(nxt, goal, seen | {nxt}):
+                return True
+        return False
+
+    assert not [(a, b) for a in graph for b in graph[a] if reaches(b, a, {b})]
+
+
+PRIVATE_ASYNCIO = re.compile(r"\._(buffer|transport|over_ssl|reader|writer|stream_reader)\b")
+
+
+@pytest.mark.parametrize("module", ["connection", "smtp", "server", "proxy", "workers"])
+def test_the_core_uses_no_private_asyncio_attribute(module):
+    source = (ROOT / "ingress" / f"{module}.py").read_text()
+    assert not PRIVATE_ASYNCIO.findall(source)
