@@ -90,6 +90,11 @@ async def header_cost(count: int) -> dict[str, float]:
     return costs
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b; nan when b is 0 (a tiny run can take less CPU than one clock tick shows)."""
+    return a / b if b else float("nan")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sessions", type=int, default=16)
@@ -157,11 +162,11 @@ def main() -> int:
     for v in VARIANTS:
         print(f"| {v} | {medians[v]:.1f} | {cpu_medians[v]:.0f} | "
               f"{', '.join(f'{r:.0f}' for r in rates[v])} |")
-    per_round = [a / b for a, b in zip(rates["proxy-v2"], rates["plain"], strict=True)]
-    cpu_round = [a / b for a, b in zip(cpu_us["proxy-v2"], cpu_us["plain"], strict=True)]
-    print(f"\nproxy-v2 / plain, msgs/s: {medians['proxy-v2'] / medians['plain']:.3f} (per round "
-          f"{min(per_round):.3f}-{max(per_round):.3f}); ingress CPU per message: "
-          f"{cpu_medians['proxy-v2'] / cpu_medians['plain']:.3f} (per round "
+    per_round = [ratio(a, b) for a, b in zip(rates["proxy-v2"], rates["plain"], strict=True)]
+    cpu_round = [ratio(a, b) for a, b in zip(cpu_us["proxy-v2"], cpu_us["plain"], strict=True)]
+    print(f"\nproxy-v2 / plain, msgs/s: {ratio(medians['proxy-v2'], medians['plain']):.3f} "
+          f"(per round {min(per_round):.3f}-{max(per_round):.3f}); ingress CPU per message: "
+          f"{ratio(cpu_medians['proxy-v2'], cpu_medians['plain']):.3f} (per round "
           f"{min(cpu_round):.3f}-{max(cpu_round):.3f})")
     problems = []
     if stored != acked_total:

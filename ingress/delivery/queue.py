@@ -16,7 +16,7 @@ def envelope(session, transaction, recipients, generated: bool = False) -> dict:
     upper-cased; values raw, xtext still encoded, as a relay passes them on), see
     docs/plugins/dsn.md. *generated*: written by this server (a DSN): there is no client."""
     client = not generated
-    env = {
+    return {
         "id": transaction.id,
         "mail_from": transaction.mail_from,
         "mail_params": transaction.mail_params,
@@ -30,10 +30,8 @@ def envelope(session, transaction, recipients, generated: bool = False) -> dict:
         "received_at": datetime.fromtimestamp(transaction.started, timezone.utc).isoformat(),
         "queued_at": datetime.now(timezone.utc).isoformat(),
         "smtputf8": "SMTPUTF8" in transaction.mail_params,
+        "quarantine": transaction.quarantined,
     }
-    if transaction.quarantined is not None:
-        env["quarantine"] = transaction.quarantined
-    return env
 
 
 def dumps(env: dict) -> str:
