@@ -329,8 +329,6 @@ class SMTPProtocol(Connection):
         added = [kw for _, kws in await self.hooks.call("ehlo_keywords", session=session)
                  for kw in kws]
         keywords = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "CHUNKING", "BINARYMIME"]
-        if not any(kw.upper().split()[0] == "SIZE" for kw in added):
-            keywords.append("SIZE")
         if self.server.tls_context is not None and not session.tls:
             keywords.append("STARTTLS")
         mechanisms = [m.name for m in await self.auth_mechanisms() if m.advertised]
