@@ -14,6 +14,8 @@ import asyncio
 import logging
 import os
 import socket
+from types import SimpleNamespace
+from typing import Any
 
 from ingress.reply import Reply
 
@@ -28,6 +30,7 @@ SALVAGE_CHUNKS = 64  # bound on what is read after a reset: 64 * READ_LIMIT (ker
 IDLE, BUSY, INPUT = "idle", "busy", "input"
 
 TOO_LONG = b"\0too-long"  # what read_line gives for a line longer than READ_LIMIT
+_NO_TIMERS = SimpleNamespace(timeouts={}, min_data_rate=None)
 
 
 class Connection(asyncio.Protocol):
@@ -51,6 +54,10 @@ class Connection(asyncio.Protocol):
         self._last_rx = self._last_reply = 0.0
         self._rx_octets = 0  # received on this connection so far
         self._rate_from: tuple[float, int] | None = None  # see _start_data_rate
+        #: what sets the timers: ``timeouts`` (seconds of the ``idle`` and ``command`` timers;
+        #: absent, none) and ``min_data_rate`` ((octets per second, grace seconds) or None);
+        #: the subclass points it at the session
+        self.clock: Any = _NO_TIMERS
 
     # --- transport events -------------------------------------------------------------------
 
@@ -66,7 +73,7 @@ class Connection(asyncio.Protocol):
         if len(self._in) > 2 * READ_LIMIT and not self._reading_paused and self.transport:
             self._reading_paused = True
             self.transport.pause_reading()
-        if self._phase == IDLE and "command" in self._timeouts():
+        if self._phase == IDLE and "command" in self.clock.timeouts:
             self._arm()  # a partial command line now runs on the command timer
 
     def eof_received(self) -> bool:
@@ -118,18 +125,8 @@ class Connection(asyncio.Protocol):
                     break
                 self._in += chunk
 
-    # What the subclass tells this class about the session.
-
     def _release(self) -> None:
         """Stop counting this connection (the subclass counts it); called once or more."""
-
-    def _timeouts(self) -> dict[str, float]:
-        """Seconds of the ``idle`` and ``command`` timers (absent: no such timer)."""
-        return {}
-
-    def _data_rate(self) -> tuple[float, float] | None:
-        """(octets per second, grace seconds) a DATA body or BDAT chunk must keep up."""
-        return None
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -290,9 +287,9 @@ class Connection(asyncio.Protocol):
             kind = "idle"
         else:
             return None
-        seconds = self._timeouts().get(kind)
+        seconds = self.clock.timeouts.get(kind)
         due = None if seconds is None else max(self._last_reply, self._last_rx) + seconds
-        rate = self._data_rate()
+        rate = self.clock.min_data_rate
         if kind == "command" and rate and self._rate_from is not None:
             started, octets = self._rate_from
             # when what arrived since the start falls below rate * (t - grace)
