@@ -46,16 +46,18 @@ READY = re.compile(r"^ingress: listening on \S+:(\d+) \(smtp\)")
 
 
 def start_ingress(config: dict, workdir: Path, *, python: str = sys.executable,
-                  args: tuple[str, ...] = (), timeout: float = 60) -> tuple[subprocess.Popen, int]:
+                  args: tuple[str, ...] = (), timeout: float = 60,
+                  prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
     """Run ``PYTHON -m ingress serve`` on *config* (written as JSON into *workdir*, where its log
-    goes too, ``ingress.log``); return the process and its first SMTP port once it is ready."""
+    goes too, ``ingress.log``), under the command *prefix* if any (say valgrind); return the
+    process and its first SMTP port once it is ready."""
     workdir = workdir.resolve()
     path = workdir / "ingress.json"
     path.write_text(json.dumps(config, indent=1))
     log_path = workdir / "ingress.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([python, "-m", "ingress", "serve", "--config", str(path),
-                                    *args], stdout=subprocess.PIPE, stderr=log, cwd=workdir)
+        command = [*prefix, python, "-m", "ingress", "serve", "--config", str(path), *args]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, cwd=workdir)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = process.stdout.readline().decode(errors="replace")

@@ -72,3 +72,20 @@ def test_bdat_bench_runs_data_and_bdat_on_a_tiny_load(tmp_path):
             [row] = [r for r in rows if r.startswith(f"| {size} | {command} |")]
             assert f"| {count} | 0 | ok |" in row, row
     assert list(tmp_path.iterdir()) == [], "work folders removed"
+
+
+@pytest.mark.heavy
+def test_instruction_counts_run_on_a_tiny_load(tmp_path):
+    """bench/instructions.py: the server under callgrind (heavy: valgrind is slow)."""
+    need("smtp-source")
+    need("valgrind")
+    done = subprocess.run(
+        [sys.executable, str(RUN.with_name("instructions.py")), "--modes", "many",
+         "--small", "2", "--large", "6", "--sessions", "2"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    [row] = [line for line in done.stdout.splitlines() if line.startswith("| many |")]
+    per_message = float(row.split("|")[3])
+    assert per_message > 0.01, row  # millions of instructions: a message is never free
+    assert list(tmp_path.iterdir()) == [], "work folders removed"
