@@ -324,7 +324,30 @@ def build(raw: Any, path: Path | None, base_dir: Path,
         pm.set_blocked(name)
     infos = [i for i in infos if i.name not in disabled]
     hooks = Hooks(pm, data["plugins"], builtins, timeout=data["server"]["hook_timeout"])
+    problems = settings_problems(hooks, base_dir)
+    if problems:
+        raise ConfigError([f"{source}: {p}: {m}" for p, m in problems])
     return Config(path, data, directory, tuple(infos), hooks, schema)
+
+
+def settings_problems(hooks: Hooks, base_dir: Path) -> list[tuple[str, str]]:
+    """What each plugin's ``check_settings`` finds wrong, as ``(pointer, message)`` with the
+    pointer from the top of the config; a plugin that raises or answers nonsense is a problem
+    of its section."""
+    found: list[tuple[str, str]] = []
+    for impl in hooks.impls("check_settings"):
+        section = pointer(["plugins", impl.plugin])
+        try:
+            answer = hooks.call_one("check_settings", impl, base_dir=base_dir)
+            for problem in answer or ():
+                where, message = ("", problem) if isinstance(problem, str) else problem
+                if not isinstance(where, str) or not (where == "" or where.startswith("/")):
+                    raise TypeError(f"{where!r} is not a JSON pointer")
+                found.append((section + where, str(message)))
+        except Exception as exc:  # someone else's code: report it, never a traceback
+            found.append((section, f"plugin {impl.plugin} failed in check_settings: "
+                                   f"{type(exc).__name__}: {exc}"))
+    return found
 
 
 def load(path: str | Path | None) -> Config:

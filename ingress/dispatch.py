@@ -156,8 +156,8 @@ class Hooks:
     def first(self, hook: str, **kwargs: Any):
         return self._first(hook, kwargs)
 
-    def collect(self, hook: str, **kwargs: Any):
-        return self._collect(hook, kwargs)
+    def collect(self, hook: str, *, only: set[str] | None = None, **kwargs: Any):
+        return self._collect(hook, kwargs, only)
 
     async def _decide(self, hook: str, kwargs: dict[str, Any]) -> tuple[Reply | None, str | None]:
         """Run a decision hook: the first refusal wins. Returns ``(reply, plugin)``.
@@ -207,11 +207,15 @@ class Hooks:
                 return result, impl.plugin
         return None, None
 
-    async def _collect(self, hook: str, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
-        """Run every implementation; return ``(plugin, result)`` for each non-``None`` result.
-        A failing implementation is logged and skipped."""
+    async def _collect(self, hook: str, kwargs: dict[str, Any],
+                       only: set[str] | None = None) -> list[tuple[str, Any]]:
+        """Run every implementation (of the plugins named in *only*, when given); return
+        ``(plugin, result)`` for each non-``None`` result. A failing implementation is logged
+        and skipped."""
         results = []
         for impl in self.impls(hook):
+            if only is not None and impl.plugin not in only:
+                continue
             try:
                 result = self._start(hook, impl, kwargs)
                 if self._pending(impl, result):
@@ -225,10 +229,17 @@ class Hooks:
                 results.append((impl.plugin, result))
         return results
 
-    async def run_all(self, hook: str, **kwargs: Any) -> None:
-        """Run every implementation, awaiting each (``startup``). The first error ends the
-        walk as an :class:`IngressError` naming the plugin."""
+    def call_one(self, hook: str, impl: Impl, **kwargs: Any) -> Any:
+        """Call one implementation of a sync-only hook (``check_settings``); errors propagate."""
+        return self._start(hook, impl, kwargs)
+
+    async def run_all(self, hook: str, *, only: set[str] | None = None, **kwargs: Any) -> None:
+        """Run every implementation (of the plugins named in *only*, when given), awaiting each
+        (``startup``, ``config_loaded``). The first error ends the walk as an
+        :class:`IngressError` naming the plugin."""
         for impl in self.impls(hook):
+            if only is not None and impl.plugin not in only:
+                continue
             try:
                 result = self._start(hook, impl, kwargs)
                 if self._pending(impl, result):

@@ -10,7 +10,8 @@ How hooks are called
   implementation returns it from its coroutine).
 * Every hook receives ``settings``: the plugin's own config section (``[plugins.<name>]``), already
   validated and defaulted. A hook implementation may declare any subset of the arguments.
-* Every hook but ``config_schema``, ``startup`` and ``shutdown`` may also declare ``state``: the
+* Every hook but the lifecycle ones (``config_schema``, ``check_settings``, ``startup``,
+  ``config_loaded``, ``shutdown``) may also declare ``state``: the
   plugin's own :class:`ingress.state.Store` (``server.state``: in memory, or on Redis shared by
   every worker and node), a key-value store with expiry whose keys no other plugin sees. An
   operation that fails or takes over ``server.state_timeout`` raises
@@ -31,10 +32,17 @@ How hooks are called
   registration order. ``hookwrapper=True`` and ``wrapper=True`` are refused at registration.
 * A plugin that raises, or whose hook waits longer than ``server.hook_timeout``, fails closed: the
   error is logged with plugin and hook name, and the client gets ``451 4.3.0`` for that command.
+* One plugin object per process, for the life of the process: a module is itself; an entry
+  point that names a class is instantiated once, when first loaded. A reload (SIGHUP) never
+  imports or instantiates a plugin again: the same object serves every config generation, so
+  its attributes (a client, a cache) outlive reloads, while each call brings the ``settings`` of
+  the generation the session started with. ``startup`` runs once per object and process,
+  ``config_loaded`` once per generation, ``shutdown`` once at exit.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -129,21 +137,64 @@ def greeting(session: Session, settings: dict[str, Any], state: Store) -> str | 
 
 
 @spec(COLLECT)
+def check_settings(
+    base_dir: Path,
+    settings: dict[str, Any],
+) -> list[str | tuple[str, str]] | None:
+    """Check this plugin's settings beyond what its schema can say (a relation between two keys,
+    a file that must exist, a pattern that must compile). Must be a plain ``def``: it runs
+    outside the event loop, whenever a config is loaded: by ``ingress check-config``, at start
+    and at every reload. Must not change anything (``check-config`` runs it too).
+
+    Return ``None`` or an empty list when the settings are fine, else a list of problems, each
+    a ``(pointer, message)`` pair, the pointer a JSON pointer inside the plugin's section
+    (``"/expire_seconds"``, ``"/lists/0"``; ``""`` for the whole section), or a message alone
+    for the whole section. Each becomes one config error line
+    ``FILE: /plugins/<name><pointer>: message``; any problem refuses the config (a reload keeps
+    the old one). An exception is reported the same way, naming the plugin.
+
+    :param settings: the plugin's section, validated by its schema and defaulted.
+    :param base_dir: the folder of the config file: relative paths in settings are relative to it.
+    """
+
+
+@spec(COLLECT)
 def startup(config: Config, settings: dict[str, Any]) -> None:
-    """The server (each worker process, after the fork) is about to open its listeners. All
-    implementations run, in order; may be ``async def``. Connect to outside services here.
+    """This process is about to serve with this plugin for the first time: at start (each worker
+    process, after the fork), before the listeners open, for every plugin the config activates;
+    for a plugin that a reload activates, at that reload, before any session uses it. Runs once
+    per plugin object and process. All implementations run, in order; may be ``async def``.
+    Connect to outside services here.
 
     Raise :class:`ingress.errors.IngressError` to refuse to start: its lines are printed and the
-    server exits 2 (any other exception is reported the same way, naming the plugin). A service
-    that is merely down should not stop the start: log it and retry in the background.
-    :param config: the :class:`ingress.config.Config` the server starts with.
+    server exits 2 (any other exception is reported the same way, naming the plugin); at a
+    reload, the reload is refused and the old config kept. A service that is merely down should
+    not stop the start: log it and retry in the background.
+    :param config: the :class:`ingress.config.Config` the plugin starts with.
+    """
+
+
+@spec(COLLECT)
+def config_loaded(config: Config, settings: dict[str, Any]) -> None:
+    """A config generation is about to serve new sessions: at start (after every ``startup``)
+    and after every accepted reload (SIGHUP), once per process, for every plugin it activates.
+    All implementations run; may be ``async def``. React to changed settings here (reopen a
+    file, resize a pool); sessions that are already open keep their own generation and its
+    ``settings``.
+
+    At start an exception refuses the start as in ``startup``. At a reload the new settings
+    have already passed ``check_settings``, so the reload goes ahead: an exception is logged
+    with the plugin's name and the plugin's hooks run with the new settings all the same.
+    :param config: the new :class:`ingress.config.Config`.
     """
 
 
 @spec(COLLECT)
 def shutdown(settings: dict[str, Any]) -> None:
-    """The server has drained its sessions and is about to exit. All implementations run; close
-    connections cleanly here. Errors are logged."""
+    """The server has drained its sessions and is about to exit. Runs once per plugin object that
+    had its ``startup`` in this process, with its latest settings, including a plugin a reload
+    has since deactivated. All implementations run; close connections cleanly here. Errors are
+    logged."""
 
 
 # --- connection ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ change policy silently.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -72,10 +73,24 @@ class PluginInfo:
         return self.source in ("builtin", "core")
 
 
+# Plugin objects made so far in this process, by where they come from: one object per plugin
+# and process, so a reload (which loads the config again) reuses it rather than making another.
+_objects: dict[tuple[str, str], object] = {}
+
+
+def _instance(key: tuple[str, str], loaded: object) -> object:
+    """The one object of a loaded plugin: a class is instantiated once per process."""
+    if not isinstance(loaded, type):
+        return loaded
+    if key not in _objects:
+        _objects[key] = loaded()
+    return _objects[key]
+
+
 def _load_object(spec: str) -> object:
     module_name, _, attr = spec.partition(":")
     module = importlib.import_module(module_name)
-    return getattr(module, attr)() if attr else module
+    return _instance(("core", spec), getattr(module, attr)) if attr else module
 
 
 def builtin_infos() -> list[PluginInfo]:
@@ -94,8 +109,7 @@ def entry_point_infos() -> dict[str, PluginInfo]:
         dist = ep.dist.name if ep.dist else "?"
         info = PluginInfo(ep.name, f"entry point {dist}")
         try:
-            loaded = ep.load()
-            info.plugin = loaded() if isinstance(loaded, type) else loaded
+            info.plugin = _instance((ep.name, ep.value), ep.load())
         except Exception as exc:  # any import-time failure of someone else's package
             info.error = f"{type(exc).__name__}: {exc}"
         found[ep.name] = info
@@ -139,6 +153,8 @@ def register(pm: pluggy.PluginManager, info: PluginInfo) -> None:
 # pluggy hookimpl options the core's dispatcher does not implement: it walks implementations
 # itself (ingress.dispatch), so a wrapper would never wrap anything.
 UNSUPPORTED_OPTIONS = ("hookwrapper", "wrapper")
+# Hooks called while a config is loaded, outside any event loop: plain functions only.
+SYNC_ONLY_HOOKS = ("config_schema", "check_settings")
 
 
 def _refuse_unsupported_options(pm: pluggy.PluginManager, info: PluginInfo) -> None:
@@ -150,3 +166,6 @@ def _refuse_unsupported_options(pm: pluggy.PluginManager, info: PluginInfo) -> N
                 if getattr(impl, option, False):
                     raise ValueError(f"hook {caller.name} is marked {option}=True, which ingress "
                                      "does not support (use tryfirst or trylast to order it)")
+            if caller.name in SYNC_ONLY_HOOKS and inspect.iscoroutinefunction(impl.function):
+                raise ValueError(f"hook {caller.name} must be a plain def: it runs while the "
+                                 "config is loaded, outside the event loop")

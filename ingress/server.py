@@ -198,6 +198,11 @@ class Server:
         # Opened here, in the process and loop that serve (after a worker's fork).
         self.state = open_backend(cfg.server["state"], cfg.server["state_timeout"])
         self.sweeper: asyncio.Task | None = None
+        # Every plugin object that had its startup in this process, by identity: its name and
+        # the latest generation that used it (shutdown gets those settings).
+        self.started: dict[int, tuple[str, config_mod.Config]] = {}
+        self._generations = asyncio.Lock()  # start and reloads switch generations one at a time
+        self._reload: asyncio.Task | None = None
         if worker is None:  # workers share the spool; their parent prepares it once
             prepare_spool(cfg)
 
@@ -244,7 +249,10 @@ class Server:
         listen = worker.listen if worker else server["listen"]
         listen_tls = worker.listen_tls if worker else server["listen_tls"]
         metrics_listen = worker.metrics_listen if worker else server["metrics_listen"]
-        await self.config.hooks.run_all("startup", config=self.config)
+        async with self._generations:
+            await self.config.hooks.run_all("startup", config=self.config)
+            self._note_started(self.config)
+            await self.config.hooks.run_all("config_loaded", config=self.config)
         ready = []
         for value, tls in [(v, False) for v in listen] + [(v, True) for v in listen_tls]:
             host, port = parse_listen(value)
@@ -279,26 +287,46 @@ class Server:
 
     # --- reload and drain ------------------------------------------------------------------------
 
-    def reload(self) -> bool:
-        """Load the config file again; new sessions use it, open ones keep theirs."""
-        path = self.config.path
-        try:
-            cfg = config_mod.load(path)
-            context = tls_context(cfg)
-        except IngressError as exc:
-            for line in exc.lines:
-                log.error("reload refused, keeping the old config: %s", line)
-            return False
-        if cfg.server["listen"] != self.config.server["listen"] or (
-            cfg.server["listen_tls"] != self.config.server["listen_tls"]
-        ):
-            log.warning("reload: listener changes take effect at the next restart")
-        if (cfg.server["state"], cfg.server["state_timeout"]) != (
-                self.config.server["state"], self.config.server["state_timeout"]):
-            log.warning("reload: state changes take effect at the next restart")
-        self.config, self.tls_context = cfg, context
-        log.info("reloaded %s", cfg.source)
-        return True
+    def _note_started(self, cfg: config_mod.Config) -> None:
+        for info in cfg.plugins:
+            self.started[id(info.plugin)] = (info.name, cfg)
+
+    def _new_plugins(self, cfg: config_mod.Config) -> set[str]:
+        """Plugins of *cfg* whose object has not had its startup in this process."""
+        return {info.name for info in cfg.plugins if id(info.plugin) not in self.started}
+
+    def reload(self) -> None:
+        """SIGHUP: switch to the config file's current content (in a task: plugins may wait)."""
+        self._reload = asyncio.ensure_future(self.switch_config())
+
+    async def switch_config(self) -> bool:
+        """Load the config file again; new sessions use it, open ones keep theirs. Plugins it
+        activates get ``startup`` (one that refuses refuses the reload), then every plugin gets
+        ``config_loaded``."""
+        async with self._generations:
+            path = self.config.path
+            try:
+                cfg = config_mod.load(path)
+                context = tls_context(cfg)
+                new = self._new_plugins(cfg)
+                if new:
+                    await cfg.hooks.run_all("startup", only=new, config=cfg)
+            except IngressError as exc:
+                for line in exc.lines:
+                    log.error("reload refused, keeping the old config: %s", line)
+                return False
+            if cfg.server["listen"] != self.config.server["listen"] or (
+                cfg.server["listen_tls"] != self.config.server["listen_tls"]
+            ):
+                log.warning("reload: listener changes take effect at the next restart")
+            if (cfg.server["state"], cfg.server["state_timeout"]) != (
+                    self.config.server["state"], self.config.server["state_timeout"]):
+                log.warning("reload: state changes take effect at the next restart")
+            self._note_started(cfg)
+            await cfg.hooks.collect("config_loaded", config=cfg)  # failures are logged
+            self.config, self.tls_context = cfg, context
+            log.info("reloaded %s", cfg.source)
+            return True
 
     async def drain(self, seconds: float) -> None:
         """Stop accepting; let open sessions finish for *seconds*; then cut them with 421."""
@@ -319,7 +347,17 @@ class Server:
                 await asyncio.wait_for(self._idle.wait(), 5)
             except asyncio.TimeoutError:
                 log.warning("%d session(s) did not end", len(self.protocols))
-        await self.config.hooks.call("shutdown")
+        await self._shutdown_plugins()
+
+    async def _shutdown_plugins(self) -> None:
+        """``shutdown`` once per started plugin object, with the latest settings it had:
+        the current generation's plugins, then those a reload deactivated."""
+        async with self._generations:
+            current = self.config
+            await current.hooks.collect("shutdown")
+            for name, cfg in self.started.values():
+                if cfg is not current:
+                    await cfg.hooks.collect("shutdown", only={name})
 
 
 def print_lines(lines: list[str]) -> None:

@@ -665,8 +665,9 @@ class PluginHarness:
     with. No server, no event loop unless a hook needs one.
 
     :param settings: the plugin's ``[plugins.<name>]`` section. It is validated with the plugin's
-        own ``config_schema`` and defaulted exactly as a config file's section is
-        (:class:`ingress.errors.ConfigError` on a bad one); :attr:`settings` is the result.
+        own ``config_schema``, defaulted and checked by its ``check_settings`` exactly as a
+        config file's section is (:class:`ingress.errors.ConfigError` on a bad one);
+        :attr:`settings` is the result. Relative paths are checked against the current folder.
     :param name: the plugin's name; default: its ``NAME`` attribute, or a module's own name.
     :param config: the rest of the config (``server``, ``directory``...), merged over
         ``HARNESS_CONFIG`` (hostname ``mx.test``, local domain ``example.test``) and validated
@@ -701,6 +702,9 @@ class PluginHarness:
         except DirectoryError as exc:
             raise ConfigError([f"{source}: {p}: {m}" for p, m in exc.errors]) from None
         self.hooks = Hooks(pm, raw["plugins"], set(), timeout=raw["server"]["hook_timeout"])
+        problems = config_mod.settings_problems(self.hooks, Path.cwd())
+        if problems:
+            raise ConfigError([f"{source}: {p}: {m}" for p, m in problems])
         self.config = config_mod.Config(None, raw, directory, (info,), self.hooks, schema)
         self.settings: dict = raw["plugins"][self.name]
         #: what ``session.count_concurrent(key)`` counts: preset a key to play other connections

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -143,7 +144,7 @@ def test_every_hook_declares_its_semantics_and_types():
     # the names hookspecs imports only for type checking, to resolve its annotations
     names = {"Any": Any, "Mechanism": Mechanism, "Delivered": Delivered, "Reply": Reply,
              "Recipient": Recipient, "Session": Session, "Transaction": Transaction,
-             "Message": Message, "Store": Store, "Config": Config}
+             "Message": Message, "Store": Store, "Config": Config, "Path": Path}
     for name in SPECS:
         assert hookspecs.semantics_of(name) in hookspecs.SEMANTICS, name
         function = getattr(hookspecs, name)
@@ -151,7 +152,8 @@ def test_every_hook_declares_its_semantics_and_types():
         hints = typing.get_type_hints(function, localns=names)
         assert set(hints) == {*parameters, "return"}, f"{name} lacks an annotation"
         # the plugin's own things come last: its settings, then its state store
-        has_state = name not in ("config_schema", "startup", "shutdown")
+        has_state = name not in ("config_schema", "check_settings", "startup", "config_loaded",
+                                 "shutdown")
         tail = ["settings", "state"] if has_state else ["settings"]
         assert list(parameters)[-len(tail):] == tail, name
 

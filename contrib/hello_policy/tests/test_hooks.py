@@ -35,3 +35,8 @@ def test_an_empty_section_gets_the_schema_defaults(ingress_plugin):
 def test_a_misspelt_setting_is_an_error(ingress_plugin):
     with pytest.raises(ConfigError, match="/plugins/hello_policy/refus: unknown key 'refus'"):
         ingress_plugin(hello_policy, {"refus": ["localhost"]})
+
+
+def test_a_name_no_client_could_give_is_an_error(ingress_plugin):
+    with pytest.raises(ConfigError, match="/plugins/hello_policy/refuse/1: 'mx test' is not"):
+        ingress_plugin(hello_policy, {"refuse": ["localhost", "mx test"]})

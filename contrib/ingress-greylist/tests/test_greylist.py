@@ -221,3 +221,12 @@ def test_installed_plugin_is_listed_and_its_config_checked(tmp_path):
     assert result.returncode == 2
     assert f"{bad}: /plugins/greylist/delay: unknown key 'delay'" in result.stderr.splitlines()
     assert f"{bad}: /plugins/greylist/pass_seconds:" in result.stderr
+    # Beyond the schema: the plugin's own check_settings, at check-config as at start.
+    never = tmp_path / "never.toml"
+    never.write_text("[plugins.greylist]\ndelay_seconds = 600\nexpire_seconds = 300\n")
+    for result in (ingress("check-config", str(never)),
+                   ingress("serve", "--config", str(never))):
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [
+            f"{never}: /plugins/greylist/expire_seconds: 300 is not more than delay_seconds "
+            "(600): no retry could ever pass"]

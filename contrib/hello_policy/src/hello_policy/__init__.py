@@ -13,6 +13,14 @@ def config_schema():
 
 
 @hookimpl
+def check_settings(settings):
+    # A name with a space in it, or an empty one, can never come in HELO: surely a typo.
+    return [(f"/refuse/{i}", f"{name!r} is not a name a client could give")
+            for i, name in enumerate(settings["refuse"])
+            if not name or any(c.isspace() for c in name)]
+
+
+@hookimpl
 def on_helo(hostname, settings):
     if hostname.lower() in (name.lower() for name in settings["refuse"]):
         return Reply(550, "5.7.1", f"{hostname}: host name refused")

@@ -68,6 +68,16 @@ class Greylist:
         return json.loads(resources.files(__name__).joinpath("schema.json").read_text("utf-8"))
 
     @hookimpl
+    def check_settings(self, settings):
+        # A triplet is forgotten expire_seconds after its first attempt; a retry passes only
+        # delay_seconds after it: with expire <= delay no triplet could ever pass.
+        if settings["expire_seconds"] <= settings["delay_seconds"]:
+            return [("/expire_seconds",
+                     f"{settings['expire_seconds']:g} is not more than delay_seconds "
+                     f"({settings['delay_seconds']:g}): no retry could ever pass")]
+        return None
+
+    @hookimpl
     async def on_rcpt(self, session, transaction, recipient, settings, state):
         if session.auth_user and not settings["authenticated"]:
             return None
