@@ -118,8 +118,10 @@ def _serve(args) -> int:
         from ingress.server import print_lines, run
 
         runner = event_loop_runner(not args.no_uvloop)
-        logging.getLogger("ingress").info(
-            "event loop: %s", "asyncio" if runner is asyncio.run else "uvloop")
+        logger = logging.getLogger("ingress")
+        logger.info("event loop: %s", "asyncio" if runner is asyncio.run else "uvloop")
+        for line in cfg.warnings:
+            logger.warning("%s", line)
         if cfg.server["workers"] > 1:
             return workers.serve(cfg, print_lines, runner, metrics_dir)
         return runner(run(cfg, print_lines))
@@ -130,10 +132,8 @@ def _serve(args) -> int:
 
 def _check_config(args) -> int:
     cfg = config_mod.load(args.file)  # None: the embedded default
-    relay = (cfg.plugin_settings("relay") or {}).get("allow")
-    if relay == "anyone":
-        print(f"{cfg.source}: /plugins/relay/allow: warning: 'anyone' makes this an open relay",
-              file=sys.stderr)
+    for line in cfg.warnings:
+        print(line, file=sys.stderr)
     print(f"{cfg.source}: OK ({len(cfg.plugins)} plugins)")
     return 0
 

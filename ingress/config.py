@@ -22,7 +22,7 @@ import ingress_schemas
 from ingress import ipnets, manager
 from ingress.directory import Directory, DirectoryError
 from ingress.dispatch import Hooks
-from ingress.errors import ConfigError, PluginError, pointer
+from ingress.errors import ConfigError, ConfigWarning, PluginError, pointer
 from ingress.files import MAX_PEM_BYTES, FileError, read_bounded, read_file
 from ingress.state import check_url
 
@@ -198,6 +198,7 @@ class Config:
     plugins: tuple[manager.PluginInfo, ...]
     hooks: Hooks
     schema: dict
+    warnings: tuple[str, ...] = ()  # FILE: /pointer: warning: message, from check_settings
 
     @property
     def source(self) -> str:
@@ -324,17 +325,20 @@ def build(raw: Any, path: Path | None, base_dir: Path,
         pm.set_blocked(name)
     infos = [i for i in infos if i.name not in disabled]
     hooks = Hooks(pm, data["plugins"], builtins, timeout=data["server"]["hook_timeout"])
-    problems = settings_problems(hooks, base_dir)
+    problems, warnings = settings_problems(hooks, base_dir)
     if problems:
         raise ConfigError([f"{source}: {p}: {m}" for p, m in problems])
-    return Config(path, data, directory, tuple(infos), hooks, schema)
+    return Config(path, data, directory, tuple(infos), hooks, schema,
+                  tuple(f"{source}: {p}: warning: {m}" for p, m in warnings))
 
 
-def settings_problems(hooks: Hooks, base_dir: Path) -> list[tuple[str, str]]:
-    """What each plugin's ``check_settings`` finds wrong, as ``(pointer, message)`` with the
-    pointer from the top of the config; a plugin that raises or answers nonsense is a problem
-    of its section."""
+def settings_problems(hooks: Hooks, base_dir: Path) -> tuple[list[tuple[str, str]],
+                                                             list[tuple[str, str]]]:
+    """What each plugin's ``check_settings`` finds wrong, and what it warns about, as
+    ``(pointer, message)`` with the pointer from the top of the config; a plugin that raises or
+    answers nonsense is a problem of its section."""
     found: list[tuple[str, str]] = []
+    warnings: list[tuple[str, str]] = []
     for impl in hooks.impls("check_settings"):
         section = pointer(["plugins", impl.plugin])
         try:
@@ -343,11 +347,12 @@ def settings_problems(hooks: Hooks, base_dir: Path) -> list[tuple[str, str]]:
                 where, message = ("", problem) if isinstance(problem, str) else problem
                 if not isinstance(where, str) or not (where == "" or where.startswith("/")):
                     raise TypeError(f"{where!r} is not a JSON pointer")
-                found.append((section + where, str(message)))
+                kind = warnings if isinstance(problem, ConfigWarning) else found
+                kind.append((section + where, str(message)))
         except Exception as exc:  # someone else's code: report it, never a traceback
             found.append((section, f"plugin {impl.plugin} failed in check_settings: "
                                    f"{type(exc).__name__}: {exc}"))
-    return found
+    return found, warnings
 
 
 def load(path: str | Path | None) -> Config:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 
 def pointer(parts: Iterable[Any]) -> str:
@@ -28,3 +28,12 @@ class ConfigError(IngressError):
 
 class PluginError(IngressError):
     """A plugin could not be loaded (import error, unknown hook name, name clash)."""
+
+
+class ConfigWarning(NamedTuple):
+    """A setting that is valid but probably not what the operator wants (an open relay): a
+    ``check_settings`` hook may return it among its problems. ``check-config`` prints it as
+    ``FILE: <pointer>: warning: <message>`` and passes; the server logs it at start and reload."""
+
+    pointer: str  # inside the plugin's section, like a problem's
+    message: str

@@ -325,6 +325,9 @@ class Server:
             self._note_started(cfg)
             await cfg.hooks.collect("config_loaded", config=cfg)  # failures are logged
             self.config, self.tls_context = cfg, context
+            if self.worker is None or self.worker.slot == 0:  # once per server
+                for line in cfg.warnings:
+                    log.warning("%s", line)
             log.info("reloaded %s", cfg.source)
             return True
 

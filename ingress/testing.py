@@ -702,7 +702,7 @@ class PluginHarness:
         except DirectoryError as exc:
             raise ConfigError([f"{source}: {p}: {m}" for p, m in exc.errors]) from None
         self.hooks = Hooks(pm, raw["plugins"], set(), timeout=raw["server"]["hook_timeout"])
-        problems = config_mod.settings_problems(self.hooks, Path.cwd())
+        problems, _ = config_mod.settings_problems(self.hooks, Path.cwd())
         if problems:
             raise ConfigError([f"{source}: {p}: {m}" for p, m in problems])
         self.config = config_mod.Config(None, raw, directory, (info,), self.hooks, schema)

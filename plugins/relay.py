@@ -16,6 +16,7 @@ import logging
 
 import ingress_schemas
 from ingress import Reply, hookimpl, ipnets
+from ingress.errors import ConfigWarning
 
 log = logging.getLogger("ingress.relay")
 
@@ -47,6 +48,13 @@ def relay_reason(session, transaction, settings) -> str | None:
         return allow
     if allow == "local_users" and sender and directory.user(sender) is not None:
         return allow
+    return None
+
+
+@hookimpl
+def check_settings(settings):
+    if settings["allow"] == "anyone":
+        return [ConfigWarning("/allow", "'anyone' makes this an open relay")]
     return None
 
 

@@ -170,6 +170,11 @@ def test_check_config_warns_that_anyone_is_an_open_relay(tmp_path):
         assert result.returncode == 0 and "warning" not in result.stderr, mode
 
 
+def test_the_server_logs_the_open_relay_warning_at_start(ingress_server):
+    server = ingress_server({"plugins": {"relay": {"allow": "anyone"}}})
+    assert "/plugins/relay/allow: warning: 'anyone' makes this an open relay" in server.log()
+
+
 VALID = ["127.0.0.1", "10.0.0.0/8", "192.0.2.7/32", "0.0.0.0/0", "::1", "::", "::/0",
          "2001:db8::/32", "fe80::1:2:3:4/64", "1:2:3:4:5:6:7:8", "::ffff:192.0.2.1",
          "2001:DB8:0:0:0:0:0:1/128", "10.1.2.3/8"]
