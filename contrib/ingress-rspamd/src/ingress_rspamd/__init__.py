@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 from email.header import Header
 from importlib import resources
@@ -57,8 +58,7 @@ async def on_data(session, transaction, message, settings):
             raise RspamdError(f"unknown action {action!r}")
         score = float(answer.get("score", 0.0))
     except (asyncio.TimeoutError, OSError, RspamdError, ValueError, TypeError) as exc:
-        why = f"no answer within {timeout:g}s" if isinstance(exc, asyncio.TimeoutError) else (
-            getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
+        why = _why(exc, timeout)
         if settings["on_error"] == "tempfail":
             log.warning("rspamd: %s: %s failed (%s); answering 451", transaction.id,
                         settings["url"], why)
@@ -69,6 +69,14 @@ async def on_data(session, transaction, message, settings):
         return None
     log.info("rspamd: %s: %s (score %.2f)", transaction.id, action, score)
     return ACTIONS[action](transaction, message, settings, answer, action, score)
+
+
+def _why(exc: Exception, timeout: float) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no answer within {timeout:g}s"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)  # the same words on asyncio's loop and uvloop
+    return str(exc) or type(exc).__name__
 
 
 # --- what each action does ------------------------------------------------------------------
@@ -179,14 +187,14 @@ async def check(session, transaction, message, url: str) -> dict:
 async def read_answer(reader: asyncio.StreamReader) -> dict:
     try:
         status = await reader.readuntil(b"\r\n")
-        head = await reader.readuntil(b"\r\n\r\n")
+        fields = status.split(None, 2)
+        if len(fields) < 2 or not fields[0].startswith(b"HTTP/1."):
+            raise RspamdError("not an HTTP answer")
+        head = b"" if status.endswith(b"\r\n\r\n") else await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as exc:
         raise RspamdError("connection closed before an answer") from exc
     except asyncio.LimitOverrunError as exc:
         raise RspamdError("answer header too long") from exc
-    fields = status.split(None, 2)
-    if len(fields) < 2 or not fields[0].startswith(b"HTTP/1."):
-        raise RspamdError("not an HTTP answer")
     if fields[1] != b"200":
         raise RspamdError(f"HTTP status {fields[1].decode('ascii', 'replace')}")
     headers = {}
