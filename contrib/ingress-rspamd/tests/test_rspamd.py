@@ -105,6 +105,22 @@ def test_envelope_is_sent_as_rspamd_request_headers(ingress_server, running):
     assert queue_id in server.log()
 
 
+def test_authenticated_user_is_sent(ingress_server, running):
+    server = ingress_server({
+        "directory": {**LOCAL["directory"],
+                      "users": [{"address": "carol@example.test", "password": "carolpw"}]},
+        "plugins": {"rspamd": {"url": running.url},
+                    "auth": {"disable_plain_without_tls": False}}})
+    mid, msg = message()
+    with server.smtp() as client:
+        client.ehlo("client.example.org")
+        assert client.login("carol@example.test", "carolpw")[0] == 235
+        client.sendmail("carol@example.test", [RCPT], msg)
+    logged = f"rspamd_task_write_log: id: <{mid}>"
+    [line] = [line for line in wait_for_log(running, logged).splitlines() if logged in line]
+    assert "user: carol@example.test," in line
+
+
 def test_a_big_message_is_streamed_from_the_spool(ingress_server, running):
     """Past the spool's memory limit the message is a file; rspamd still gets all of it (the
     GTUBE part at its end, after a 3 MB attachment)."""
