@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import email
+import email.header
 import re
 import smtplib
 import socket
@@ -162,6 +163,19 @@ def test_rewrite_subject_uses_rspamd_subject(ingress_server, running):
     assert got.get_all("Subject") == ["*** SPAM *** cheap watches"]
     assert got["X-Spam"] == "yes"
     assert got["X-Spam-Action"] == "rewrite subject"
+
+
+def test_a_rewritten_subject_that_is_not_ascii_is_encoded(ingress_server, running):
+    """rspamd answers the decoded Subject; the plugin writes it back as RFC 2047."""
+    server = ingress_server(rspamd_config(running.url))
+    _, msg = message(subject="=?utf-8?q?caf=C3=A9_cr=C3=A8me?=",
+                     extra=b"X-Test-Action: rewrite subject\r\n")
+    assert send(server, msg)[0] == 250
+    [raw] = server.mailbox(RCPT)
+    [subject] = [line for line in raw.split(b"\r\n") if line.startswith(b"Subject:")]
+    assert subject.isascii()
+    assert str(email.header.make_header(email.header.decode_header(
+        stored(server)["Subject"]))) == "*** SPAM *** caf\u00e9 cr\u00e8me"
 
 
 def test_headers_false_adds_only_what_the_action_says(ingress_server, running):
