@@ -36,7 +36,7 @@ logging {{
 }}
 worker "normal" {{
     bind_socket = "127.0.0.1:{port}";
-    count = 1;
+    count = {workers};
     .include "$CONFDIR/worker-normal.inc"
 }}
 """
@@ -70,13 +70,13 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 class Rspamd:
     """One rspamd; :meth:`stop` and :meth:`start` again keep its port and databases."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, workers: int = 1):
         self.root = root
         self.port = free_port()
         (root / "local.d").mkdir()
         for sub in ("db", "run"):
             (root / sub).mkdir()
-        (root / "rspamd.conf").write_text(CONFIG.format(port=self.port))
+        (root / "rspamd.conf").write_text(CONFIG.format(port=self.port, workers=workers))
         (root / "local.d" / "options.inc").write_text(
             OPTIONS.format(dns_port=free_port(socket.SOCK_DGRAM)))
         (root / "rspamd.local.lua").write_text(TEST_RULE)
