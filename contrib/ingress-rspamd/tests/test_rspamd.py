@@ -217,11 +217,14 @@ def silent_port():
         yield sock.getsockname()[1]
 
 
+@pytest.mark.parametrize("size", ["small", "big"])
 @pytest.mark.parametrize("on_error", ["accept", "tempfail"])
-def test_a_silent_rspamd_is_cut_at_timeout(ingress_server, silent_port, on_error):
+def test_a_silent_rspamd_is_cut_at_timeout(ingress_server, silent_port, on_error, size):
+    """Also when it does not even read the upload (a big message fills the socket buffers)."""
     server = ingress_server(rspamd_config(f"http://127.0.0.1:{silent_port}", timeout=1,
                                           on_error=on_error))
-    _, msg = message()
+    _, msg = message(b"x" * 998 + b"\r\n") if size == "small" else message(
+        (b"y" * 998 + b"\r\n") * 8000)
     if on_error == "tempfail":
         assert send(server, msg) == (451, b"4.7.1 Try again later")
     else:

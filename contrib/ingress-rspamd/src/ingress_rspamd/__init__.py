@@ -177,11 +177,9 @@ async def check(session, transaction, message, url: str) -> dict:
         await writer.drain()
         return await read_answer(reader)
     finally:
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except OSError:
-            pass
+        # abort, not close: close() would wait to flush an upload rspamd never reads, and a
+        # timeout's cancellation would wait for that (a hung session).
+        writer.transport.abort()
 
 
 async def read_answer(reader: asyncio.StreamReader) -> dict:
