@@ -12,12 +12,15 @@ the repository root with ingress and ingress-rspamd installed:
 
 rspamd's own time per scan (from its log) is printed too: with one client the difference
 between the two servers is that time plus the plugin's HTTP exchange; with many clients a
-single rspamd worker (--workers 1) is the bottleneck.
+single rspamd worker (--workers 1) is the bottleneck. --instant replaces rspamd with a stand-in
+that answers at once: what is left is the plugin's own cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import re
 import smtplib
 import statistics
@@ -52,6 +55,41 @@ def message(n: int) -> bytes:
     return head + body
 
 
+ANSWER = json.dumps({"action": "no action", "score": 0.5, "required_score": 15.0,
+                     "symbols": {f"SYMBOL_{i}": {"name": f"SYMBOL_{i}", "score": 0.0}
+                                 for i in range(20)}}).encode()
+
+
+class Instant:
+    """--instant: a stand-in on 127.0.0.1 that answers every request at once with a fixed
+    rspamd-like answer, so the difference measured is the plugin's own cost (its HTTP exchange
+    and the server's work), not rspamd's scan."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self.handle, "127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    async def handle(self, reader, writer):
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            while (size := int((await reader.readuntil(b"\r\n")).strip(), 16)) > 0:
+                await reader.readexactly(size + 2)
+            await reader.readexactly(2)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(ANSWER), ANSWER))
+            await writer.drain()
+        finally:
+            writer.close()
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
 def run(server, count: int, clients: int) -> float:
     """Messages per second for *count* messages over *clients* connections."""
     errors: list[BaseException] = []
@@ -84,16 +122,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="rspamd normal workers")
+    parser.add_argument("--instant", action="store_true",
+                        help="no rspamd: a stand-in that answers at once (the plugin's own cost)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rspamd-bench-") as tmp:
         root = Path(tmp)
         (root / "rspamd").mkdir()
-        rspamd = Rspamd(root / "rspamd", args.workers)
+        rspamd = Instant() if args.instant else Rspamd(root / "rspamd", args.workers)
         servers = {}
         try:
-            started = time.monotonic()
-            rspamd.start()
-            print(f"rspamd up in {time.monotonic() - started:.1f}s")
+            if not args.instant:
+                started = time.monotonic()
+                rspamd.start()
+                print(f"rspamd up in {time.monotonic() - started:.1f}s")
             for name, plugins in (("without", {}), ("with", {"rspamd": {"url": rspamd.url}})):
                 servers[name] = start_subprocess(
                     server_config(root / name, {**LOCAL, "plugins": plugins}), root / name)
@@ -113,6 +154,8 @@ def main() -> None:
             tagged = sum(b"X-Spam-Action: no action" in p.read_bytes()
                          for p in (root / "with" / "mail").glob("*/*/new/*"))
             print(f"with rspamd: {delivered} delivered, {tagged} carry X-Spam-Action: no action")
+            if args.instant:
+                return
             scans = [float(t) for t in re.findall(
                 r"rspamd_task_write_log: .* time: ([0-9.]+)ms",
                 (root / "rspamd" / "rspamd.log").read_text(errors="replace"))]
@@ -121,7 +164,7 @@ def main() -> None:
         finally:
             for server in servers.values():
                 server.stop()
-            rspamd.stop()
+            rspamd.close() if args.instant else rspamd.stop()
 
 
 if __name__ == "__main__":
