@@ -182,12 +182,15 @@ def test_headers_false_adds_only_what_the_action_says(ingress_server, running):
     server = ingress_server(rspamd_config(running.url, headers=False))
     _, clean = message()
     _, marked = message(extra=b"X-Test-Action: add header\r\n")
-    assert send(server, clean)[0] == 250
-    assert send(server, marked)[0] == 250
-    first, second = (email.message_from_bytes(m) for m in server.mailbox(RCPT))
-    assert [first[h] for h in ("X-Spam", "X-Spam-Score", "X-Spam-Action")] == [None] * 3
-    assert [second[h] for h in ("X-Spam", "X-Spam-Score", "X-Spam-Action")] == ["yes", None,
-                                                                                None]
+    _, rewritten = message(subject="hi", extra=b"X-Test-Action: rewrite subject\r\n")
+    for msg in (clean, marked, rewritten):
+        assert send(server, msg)[0] == 250
+    first, second, third = (email.message_from_bytes(m) for m in server.mailbox(RCPT))
+    spam_headers = ("X-Spam", "X-Spam-Score", "X-Spam-Action")
+    assert [first[h] for h in spam_headers] == [None] * 3
+    assert [second[h] for h in spam_headers] == ["yes", None, None]
+    assert [third[h] for h in spam_headers] == [None] * 3
+    assert third["Subject"] == "*** SPAM *** hi"
 
 
 # --- rspamd down, slow or confused ----------------------------------------------------------

@@ -68,7 +68,7 @@ async def on_data(session, transaction, message, settings):
         _set_header(transaction, message, "X-Spam-Action", "unchecked")
         return None
     log.info("rspamd: %s: %s (score %.2f)", transaction.id, action, score)
-    return ACTIONS[action](transaction, message, settings, answer, action, score)
+    return decide(transaction, message, settings, answer, action, score)
 
 
 def _why(exc: Exception, timeout: float) -> str:
@@ -82,34 +82,23 @@ def _why(exc: Exception, timeout: float) -> str:
 # --- what each action does ------------------------------------------------------------------
 
 
-def _accept(spam: bool):
-    def act(transaction, message, settings, answer, action, score):
-        if spam:
-            _set_header(transaction, message, "X-Spam", "yes")
-        if settings["headers"]:
-            _set_header(transaction, message, "X-Spam-Score", f"{score:.2f}")
-            _set_header(transaction, message, "X-Spam-Action", action)
-            if not spam:
-                _set_header(transaction, message, "X-Spam", "no")
-        return None
-    return act
+ACTIONS = ("no action", "add header", "rewrite subject", "greylist", "soft reject", "reject")
 
 
-def _rewrite_subject(transaction, message, settings, answer, action, score):
-    subject = answer.get("subject")
-    if isinstance(subject, str):
-        message.change_header("Subject", _encoded(subject))
-    return _accept(True)(transaction, message, settings, answer, action, score)
-
-
-ACTIONS = {
-    "no action": _accept(False),
-    "add header": _accept(True),
-    "rewrite subject": _rewrite_subject,
-    "greylist": lambda *args: TRY_LATER,
-    "soft reject": lambda *args: TRY_LATER,
-    "reject": lambda *args: REJECT,
-}
+def decide(transaction, message, settings, answer: dict, action: str, score: float):
+    """Do what *action* says: a reply, or edits of the accepted message."""
+    if action == "reject":
+        return REJECT
+    if action in ("soft reject", "greylist"):
+        return TRY_LATER
+    if action == "rewrite subject" and isinstance(answer.get("subject"), str):
+        message.change_header("Subject", _encoded(answer["subject"]))
+    if settings["headers"]:
+        _set_header(transaction, message, "X-Spam-Score", f"{score:.2f}")
+        _set_header(transaction, message, "X-Spam-Action", action)
+    if settings["headers"] or action == "add header":
+        _set_header(transaction, message, "X-Spam", "no" if action == "no action" else "yes")
+    return None
 
 
 def _set_header(transaction, message, name: str, value: str) -> None:
