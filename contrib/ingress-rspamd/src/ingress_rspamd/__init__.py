@@ -30,7 +30,6 @@ log = logging.getLogger("ingress_rspamd")
 NAME = "rspamd"
 REJECT = Reply(550, "5.7.1", "Message rejected as spam")
 TRY_LATER = Reply(451, "4.7.1", "Try again later")
-SPAM_HEADERS = ("X-Spam-Score", "X-Spam-Action", "X-Spam")
 MAX_ANSWER = 1 << 20  # bytes of rspamd's answer read at most (a real one is a few KiB)
 CHUNK = 1 << 16
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")  # never inside a request header value
