@@ -284,6 +284,9 @@ class OneAnswer:
     (b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n", "HTTP status 500"),
     (b"SSH-2.0-OpenSSH\r\n", "not an HTTP answer"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{", "answer cut short"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n{", "answer too long"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n200000\r\n" + b"[" * 1000,
+     "answer too long"),
 ])
 def test_an_unreadable_answer_is_an_error(ingress_server, answer, why):
     fake = OneAnswer(answer)
@@ -348,3 +351,16 @@ def test_installed_plugin_is_listed_and_its_config_checked(tmp_path):
     assert f"{bad}: /plugins/rspamd/timout: unknown key 'timout'" in errors
     for key in ("on_error", "timeout", "url"):
         assert any(line.startswith(f"{bad}: /plugins/rspamd/{key}: ") for line in errors), key
+
+
+def test_an_ipv6_client_is_sent_as_such(ingress_server):
+    fake = OneAnswer(b'HTTP/1.1 200 OK\r\nContent-Length: 24\r\n\r\n{"action": "no action"}\n')
+    try:
+        server = ingress_server({**rspamd_config(fake.url), "server": {"listen": ["[::1]:0"]}})
+        _, msg = message()
+        assert send(server, msg)[0] == 250
+        [request] = fake.requests
+    finally:
+        fake.close()
+    assert b"\r\nIP: ::1\r\n" in request
+    assert stored(server)["X-Spam-Action"] == "no action"
