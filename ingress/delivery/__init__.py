@@ -181,7 +181,8 @@ def store_generated(session, mail_from: str, recipient: str, message: Generated)
     address to its Maildir (an alias to its members), any other to the relay queue. The queue
     envelope says ``"generated": true`` and has no client fields."""
     local = session.directory.is_local_address(recipient)
-    transaction = Transaction(mail_from, recipients=[Recipient(recipient, {}, local)])
+    params: dict[str, str | None] = {} if recipient.isascii() else {"SMTPUTF8": None}
+    transaction = Transaction(mail_from, params, recipients=[Recipient(recipient, {}, local)])
     return store(session, transaction, message, generated=True)
 
 
