@@ -49,7 +49,8 @@ class DirectoryError(ValueError):
 
 @dataclass(frozen=True)
 class User:
-    """A local user. ``address`` keeps the configured local-part case; the domain is lower-case."""
+    """A local user. ``address`` keeps the configured local-part case (in NFC); the domain is in
+    its lower-case A-label form."""
 
     address: str
     name: str = ""
