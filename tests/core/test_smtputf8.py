@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import email
 import json
+import smtplib
 import subprocess
 import sys
 import unicodedata
@@ -198,6 +199,20 @@ def test_received_says_utf8smtp_and_utf8smtpa(server):
     withs = [email.message_from_bytes(m, policy=SMTPUTF8)["Received"].split(" with ")[1]
              .split()[0] for m in server.mailbox("alice@bücher.example")]
     assert withs == ["UTF8SMTP", "ESMTP", "UTF8SMTPA"]
+
+
+def test_received_says_utf8smtps_and_utf8smtpsa_over_tls(ingress_server, tls):
+    server = ingress_server({**config(), "server": tls.server(implicit=True)})
+    with smtplib.SMTP_SSL(server.host, server.tls_port, context=tls.context(),
+                          timeout=10) as client:
+        client.sendmail("a@example.org", ["用户@例子.广告"], b"Subject: 1\r\n\r\nx\r\n",
+                        mail_options=["SMTPUTF8"])
+        client.login("alice@xn--bcher-kva.example", "alicepw")
+        client.sendmail("alice@bücher.example", ["用户@例子.广告"], b"Subject: 2\r\n\r\nx\r\n",
+                        mail_options=["SMTPUTF8"])
+    withs = [email.message_from_bytes(m, policy=SMTPUTF8)["Received"].split(" with ")[1]
+             .split()[0] for m in server.mailbox("用户@例子.广告")]
+    assert withs == ["UTF8SMTPS", "UTF8SMTPSA"]
 
 
 def test_queue_envelope_records_smtputf8(ingress_server):
