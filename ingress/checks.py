@@ -8,7 +8,7 @@ from ingress import hookimpl
 from ingress.delivery import may_create_mailbox
 from ingress.reply import Reply
 
-CORE_PARAMETERS = {"MAIL": {"BODY", "SIZE"}, "RCPT": set()}
+CORE_PARAMETERS = {"MAIL": {"BODY", "SIZE", "SMTPUTF8"}, "RCPT": set()}
 BODY_VALUES = {"7BIT", "8BITMIME", "BINARYMIME"}
 
 
@@ -47,6 +47,8 @@ def _check_mail(known: set[str], transaction) -> Reply | None:
         return Reply(501, "5.5.4", "BODY must be 7BIT, 8BITMIME or BINARYMIME")
     if "SIZE" in params and not (params["SIZE"] or "").isdigit():
         return Reply(501, "5.5.4", "SIZE must be a number of octets")
+    if params.get("SMTPUTF8", None) is not None:
+        return Reply(501, "5.5.4", "SMTPUTF8 takes no value")
     return None
 
 

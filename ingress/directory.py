@@ -13,9 +13,9 @@ import copy
 import functools
 import hashlib
 import hmac
-import ipaddress
 import re
 import secrets
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,21 +25,15 @@ import argon2
 import bcrypt
 import cerberus
 
+from ingress import addresses
 from ingress.errors import pointer
 from ingress.files import FileError, read_file
 
 __all__ = ["Directory", "DirectoryError", "DomainSettings", "User"]
 
 _HASHER = argon2.PasswordHasher()
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
-_DOT_ATOM_RE = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
-_QUOTED_RE = re.compile(r'"(?:[^"\\]|\\.)+"')
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*", re.ASCII | re.IGNORECASE)
-_SAFE_LOCAL_RE = re.compile(r"[A-Za-z0-9!#$%&'*+=?^_`{|}~.-]{1,64}", re.ASCII)
 _BCRYPT_RE = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}", re.ASCII)
-UNSAFE_LOCAL_PART = ("the local part is not a safe folder name (1 to 64 of the ASCII letters, "
-                     "digits and !#$%&'*+=?^_`{|}~.-, no leading dot, no '..')")
+UNSAFE_LOCAL_PART = f"the local part is not a safe folder name ({addresses.SAFE_LOCAL_PART})"
 
 
 class DirectoryError(ValueError):
@@ -55,7 +49,8 @@ class DirectoryError(ValueError):
 
 @dataclass(frozen=True)
 class User:
-    """A local user. ``address`` keeps the configured local-part case; the domain is lower-case."""
+    """A local user. ``address`` keeps the configured local-part case (in NFC); the domain is in
+    its lower-case A-label form."""
 
     address: str
     name: str = ""
@@ -74,17 +69,7 @@ class DomainSettings:
 
 
 def _is_valid_domain(domain: str) -> bool:
-    if domain.startswith("[") and domain.endswith("]"):
-        literal = domain[1:-1]
-        try:
-            if literal[:5].lower() == "ipv6:":
-                ipaddress.IPv6Address(literal[5:])
-            else:
-                ipaddress.IPv4Address(literal)
-        except ValueError:
-            return False
-        return True
-    return len(domain) <= 253 and _HOSTNAME_RE.fullmatch(domain) is not None
+    return addresses.valid_domain(domain)
 
 
 def _password_hash_problem(value: str) -> str | None:
@@ -99,21 +84,28 @@ def _password_hash_problem(value: str) -> str | None:
     return "must be an argon2id/argon2i ($argon2id$...) or bcrypt ($2b$...) hash"
 
 
+def _normalised_form(value: Any) -> Any:
+    """How the directory keeps a valid address: the local part in NFC (its case kept), the
+    domain as lower-case A-labels. Anything else is left as it is, for its error message."""
+    if not isinstance(value, str) or not addresses.valid_address(value):
+        return value
+    local, domain = addresses.split(value)
+    return f"{unicodedata.normalize('NFC', local)}@{domain}"
+
+
 class _Validator(cerberus.Validator):
     """Adds the coercions and checks the schema below refers to by name."""
 
     def _normalize_coerce_domain(self, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
+        return addresses.domain_key(value) if isinstance(value, str) else value
 
     def _normalize_coerce_address(self, value: Any) -> Any:
-        if not isinstance(value, str) or "@" not in value:
-            return value
-        local, _, domain = value.rpartition("@")
-        return f"{local}@{domain.lower()}"
+        return _normalised_form(value)
 
     def _check_with_domain(self, field: Any, value: Any) -> None:
         if isinstance(value, str) and not _is_valid_domain(value):
-            self._error(field, f"invalid domain {value!r} (use the xn-- form for IDNs)")
+            self._error(field, f"invalid domain {value!r} (not a host name: LDH labels, "
+                        "A-labels or IDNA 2008 U-labels)")
 
     def _check_with_address(self, field: Any, value: Any) -> None:
         if isinstance(value, str) and not Directory.is_valid_address(value):
@@ -299,11 +291,11 @@ class Directory:
                  lists: Mapping[str, Iterable[str]] | None = None,
                  domain_settings: Mapping[str, DomainSettings] | None = None) -> None:
         """Build from already validated parts; :meth:`from_config` is the usual way in."""
-        self.domains: frozenset[str] = frozenset(d.strip().lower() for d in domains)
+        self.domains: frozenset[str] = frozenset(map(addresses.domain_key, domains))
         self._users = {self.normalise(u.address): u for u in users}
         self._aliases = {self.normalise(k): tuple(v) for k, v in (aliases or {}).items()}
         self._lists = {self.normalise(k): tuple(v) for k, v in (lists or {}).items()}
-        self._settings = {k.strip().lower(): v for k, v in (domain_settings or {}).items()}
+        self._settings = {addresses.domain_key(k): v for k, v in (domain_settings or {}).items()}
         self.has_plaintext_passwords: bool = any(
             u.password is not None for u in self._users.values()
         )
@@ -349,7 +341,7 @@ class Directory:
         settings: dict[str, DomainSettings] = {}
         for source in sources:
             for key, value in _entries(source, "domain_settings"):
-                domain, path = key.strip().lower(), ("domain_settings", key)
+                domain, path = addresses.domain_key(key), ("domain_settings", key)
                 if domain not in domains:
                     errors.append(source[0].error(path, f"{domain!r} is not listed in domains"))
                 elif domain in settings:
@@ -423,39 +415,39 @@ class Directory:
 
     @staticmethod
     def split(address: str) -> tuple[str, str]:
-        """``(local part as given, lower-cased domain)``; ValueError when there is no ``@``."""
-        local, at, domain = address.rpartition("@")
-        if not at:
-            raise ValueError(f"not an address (no @): {address!r}")
-        return local, domain.lower()
+        """``(local part as given, domain as compared)``: the domain in its lower-case A-label
+        form (``Bücher.example`` -> ``xn--bcher-kva.example``); ValueError when there is no
+        ``@``."""
+        return addresses.split(address)
 
     @staticmethod
     def normalise(address: str) -> str:
-        """The comparison key: ``"Local@EXAMPLE.test"`` -> ``"local@example.test"``."""
-        local, domain = Directory.split(address)
-        return f"{local.lower()}@{domain}"
+        """The comparison key: ``"Local@EXAMPLE.test"`` -> ``"local@example.test"``; a UTF-8
+        local part in NFC, lower-cased; the domain as lower-case A-labels."""
+        return addresses.normalise(address)
+
+    @staticmethod
+    def mailbox(address: str) -> tuple[str, str]:
+        """``(domain, folder)`` of a local address's Maildir: the A-label domain and the
+        comparison form of the local part (NFC, lower-cased)."""
+        local, domain = addresses.split(address)
+        return domain, addresses.local_key(local)
 
     @staticmethod
     def is_valid_address(address: str) -> bool:
-        """``local@domain`` with a dot-atom or quoted local part and a host name or
-        ``[address literal]`` domain; no whitespace, control characters or angle brackets."""
-        if not isinstance(address, str) or len(address) > 254:
-            return False
-        if any(c.isspace() or not c.isprintable() or c in "<>" for c in address):
-            return False
-        local, at, domain = address.rpartition("@")
-        if not at or len(local.encode("utf-8", "surrogatepass")) > 64:
-            return False
-        local_ok = _DOT_ATOM_RE.fullmatch(local) or _QUOTED_RE.fullmatch(local)
-        return bool(local_ok) and _is_valid_domain(domain)
+        """``local@domain`` with a dot-atom or quoted local part (UTF-8 allowed, RFC 6531) and a
+        host name (A-labels or U-labels) or ``[address literal]`` domain; no whitespace outside
+        quotes, no control characters, no angle brackets. The rules the SMTP dialogue uses
+        (:mod:`ingress.addresses`)."""
+        return addresses.valid_address(address)
 
     @staticmethod
     def is_safe_local_part(local: str) -> bool:
         """Whether ``local`` is safe as a single Maildir directory name. The one rule for
         catch-all local parts, for every local address in the directory (checked when the
-        config is loaded) and for the Maildir writer itself."""
-        return (_SAFE_LOCAL_RE.fullmatch(local) is not None
-                and not local.startswith(".") and ".." not in local)
+        config is loaded) and for the Maildir writer itself (see
+        :func:`ingress.addresses.is_safe_local_part`)."""
+        return addresses.is_safe_local_part(local)
 
     # -- lookups ----------------------------------------------------------------------------
 
@@ -467,7 +459,7 @@ class Directory:
 
     def is_local_domain(self, domain: str) -> bool:
         """Whether mail for ``domain`` is ours (case-insensitive)."""
-        return domain.strip().lower() in self.domains
+        return addresses.domain_key(domain) in self.domains
 
     def is_local_address(self, address: str) -> bool:
         """Whether the domain part of ``address`` is local (the mailbox may still not exist)."""
@@ -479,7 +471,7 @@ class Directory:
 
     def domain_settings(self, domain: str) -> DomainSettings:
         """Settings for ``domain``; the defaults when it has none configured."""
-        return self._settings.get(domain.strip().lower(), DomainSettings())
+        return self._settings.get(addresses.domain_key(domain), DomainSettings())
 
     def alias_members(self, address: str) -> tuple[str, ...] | None:
         """Direct members (as configured) of an alias or list, or None if it is neither."""

@@ -308,12 +308,17 @@ def on_auth(
 
 @spec(DECIDE)
 def on_vrfy(session: Session, address: str, settings: dict[str, Any], state: Store) -> Reply | None:
-    """VRFY <address>. Decision hook; without a reply the core answers ``252 2.5.2``."""
+    """VRFY <address>. Decision hook; without a reply the core answers ``252 2.5.2``.
+
+    :param address: the argument as the client gave it (UTF-8 allowed), without angle brackets
+        and without a trailing ``SMTPUTF8`` parameter (RFC 6531 3.7.4.2)."""
 
 
 @spec(DECIDE)
 def on_expn(session: Session, address: str, settings: dict[str, Any], state: Store) -> Reply | None:
-    """EXPN <address>. Decision hook; without a reply the core answers ``502 5.5.1``."""
+    """EXPN <address>. Decision hook; without a reply the core answers ``502 5.5.1``.
+
+    :param address: as for :func:`on_vrfy`."""
 
 
 @spec(FIRST)

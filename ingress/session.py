@@ -68,6 +68,11 @@ class Transaction:
     quarantined: str | None = None
     _first_headers: int = 0  # how many of added_headers were added with first=True
 
+    @property
+    def smtputf8(self) -> bool:
+        """MAIL FROM carried ``SMTPUTF8`` (RFC 6531): UTF-8 addresses and headers allowed."""
+        return "SMTPUTF8" in self.mail_params
+
     def add_header(self, name: str, value: str, *, first: bool = False) -> None:
         """Put ``name: value`` above the received message, below the headers added before it;
         with *first*, above every header added without it (``Received:`` included): the
@@ -114,11 +119,18 @@ class Transaction:
         self.quarantined = reason
 
     def _recipient_index(self, address: str) -> int | None:
-        key = address.lower()
+        key = _compared(address)
         for i, rcpt in enumerate(self.recipients):
-            if rcpt.address.lower() == key:
+            if _compared(rcpt.address) == key:
                 return i
         return None
+
+
+def _compared(address: str) -> str:
+    try:
+        return Directory.normalise(address)
+    except ValueError:
+        return address.lower()
 
 
 def _check_address(address: str) -> None:
@@ -180,10 +192,18 @@ class Session:
 
     @property
     def protocol(self) -> str:
-        """SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA (RFC 3848)."""
+        """SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA (RFC 3848): the session's, whatever its
+        transactions (see :meth:`transaction_protocol`)."""
         if not self.esmtp:
             return "SMTP"
         return "ESMTP" + ("S" if self.tls else "") + ("A" if self.auth_user else "")
+
+    def transaction_protocol(self, transaction: Transaction) -> str:
+        """The ``with`` of a Received header for *transaction*: :attr:`protocol`, or for an
+        SMTPUTF8 transaction UTF8SMTP, UTF8SMTPS, UTF8SMTPA or UTF8SMTPSA (RFC 6531 4.3)."""
+        if self.esmtp and transaction.smtputf8:
+            return "UTF8SMTP" + ("S" if self.tls else "") + ("A" if self.auth_user else "")
+        return self.protocol
 
     def set_timeout(self, kind: str, seconds: float | None) -> None:
         """Set a timer the core runs; ``None`` removes it. Plugins call this from ``on_connect``.

@@ -33,6 +33,7 @@ from ingress.syntax import (
     bdat_size,
     parse_params,
     parse_path,
+    query_argument,
     sasl_response,
     split_command,
     too_long,
@@ -56,6 +57,8 @@ R_NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
 R_OK = Reply(250, "2.0.0", "OK")
 R_SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 R_RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+R_NOT_UTF8 = Reply(501, "5.5.2", "Command line is not valid UTF-8")
+R_NEED_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 
 
 class Host(Protocol):
@@ -278,6 +281,9 @@ class SMTPProtocol(Connection):
             return
         verb, arg = split_command(line)
         self._verb = verb if verb.isalpha() and len(verb) <= 16 else "?"  # safe in a log line
+        if arg is None:  # nothing is read after a BDAT: no size could be parsed from it either
+            await self.send(R_NOT_UTF8 if verb in COMMANDS else R_SYNTAX)
+            return
         if self._on_command:
             reply, plugin = await self.hooks.call("on_command", session=self.session,
                                                     verb=verb, arg=arg)
@@ -329,7 +335,8 @@ class SMTPProtocol(Connection):
         session = self.session
         added = [kw for _, kws in await self.hooks.call("ehlo_keywords", session=session)
                  for kw in kws]
-        keywords = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "CHUNKING", "BINARYMIME"]
+        keywords = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "CHUNKING", "BINARYMIME",
+                    "SMTPUTF8"]
         if self.server.tls_context is not None and not session.tls:
             keywords.append("STARTTLS")
         mechanisms = [m.name for m in await self.auth_mechanisms() if m.advertised]
@@ -357,10 +364,10 @@ class SMTPProtocol(Connection):
         if address and not valid_address(address):
             await self.send(Reply(501, "5.1.7", "Bad sender address syntax"))
             return
-        if not address.isascii():
-            await self.send(Reply(553, "5.6.7", "Non-ASCII addresses are not supported"))
-            return
         params, error = parse_params(params_text)
+        if not address.isascii() and "SMTPUTF8" not in params:
+            await self.send(R_NEED_SMTPUTF8)
+            return
         transaction = Transaction(address, params, param_error=error)
         reply, plugin = await self.hooks.call("on_mail_from", session=session,
                                                 transaction=transaction)
@@ -387,8 +394,8 @@ class SMTPProtocol(Connection):
         if not valid_address(address):
             await self.send(Reply(501, "5.1.3", "Bad recipient address syntax"))
             return
-        if not address.isascii():
-            await self.send(Reply(553, "5.6.7", "Non-ASCII addresses are not supported"))
+        if not address.isascii() and not transaction.smtputf8:
+            await self.send(R_NEED_SMTPUTF8)
             return
         if len(transaction.recipients) >= MAX_RECIPIENTS:
             await self.send(Reply(452, "4.5.3", "Too many recipients"))
@@ -637,7 +644,7 @@ class SMTPProtocol(Connection):
             await self.send(Reply(501, "5.5.4", "Syntax: VRFY address"))
             return
         reply, plugin = await self.hooks.call("on_vrfy", session=self.session,
-                                                address=arg.strip("<>"))
+                                                address=query_argument(arg))
         await self.send(reply or Reply(
             252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"),
             plugin or "core")
@@ -647,7 +654,7 @@ class SMTPProtocol(Connection):
             await self.send(Reply(501, "5.5.4", "Syntax: EXPN address"))
             return
         reply, plugin = await self.hooks.call("on_expn", session=self.session,
-                                                address=arg.strip("<>"))
+                                                address=query_argument(arg))
         await self.send(reply or Reply(502, "5.5.1", "EXPN not available"), plugin or "core")
 
     async def cmd_starttls(self, arg: str) -> None:

@@ -7,6 +7,7 @@ import base64
 import binascii
 import re
 
+from ingress import addresses
 from ingress.auth import AuthCancelled, AuthSyntaxError
 
 COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
@@ -16,24 +17,21 @@ MAX_RECIPIENTS = 1000
 BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _PARAM_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
-_DOMAIN = re.compile(
-    r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z"
-    r"|\[[A-Za-z0-9:.]+\]\Z"
-)
-_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
-_QUOTED = re.compile(r'"([\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
 
 
-def split_command(line: bytes) -> tuple[str, str]:
+def split_command(line: bytes) -> tuple[str, str | None]:
     """``(VERB, argument)`` of a command line without its line ending: the verb upper-cased
-    (``""`` when it is not ASCII), the argument decoded (UTF-8, undecodable bytes kept as
-    surrogate escapes) and stripped."""
+    (``""`` when it is not ASCII), the argument decoded as UTF-8 and stripped; None when it is
+    not UTF-8 (RFC 6531: commands carry UTF-8 or nothing 8-bit)."""
     verb_bytes, _, arg_bytes = line.partition(b" ")
     try:
         verb = verb_bytes.decode("ascii").upper()
     except UnicodeDecodeError:
         verb = ""
-    return verb, arg_bytes.decode("utf-8", "surrogateescape").strip()
+    try:
+        return verb, arg_bytes.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return verb, None
 
 
 def too_long(line: bytes) -> bool:
@@ -44,11 +42,19 @@ def too_long(line: bytes) -> bool:
 
 
 def valid_address(address: str) -> bool:
-    """RFC 5321 Mailbox syntax: dot-atom or quoted local part, hostname or address literal."""
-    local, at, domain = address.rpartition("@")
-    if not at or not local or len(address) > 254 or len(local) > 64:
-        return False
-    return bool((_DOT_ATOM.match(local) or _QUOTED.match(local)) and _DOMAIN.match(domain))
+    """RFC 5321 Mailbox syntax with RFC 6531 UTF-8: the rules of :mod:`ingress.addresses`,
+    which the directory uses too. Whether UTF-8 is allowed in this transaction is asked apart
+    (``553 5.6.7`` without SMTPUTF8)."""
+    return addresses.valid_address(address)
+
+
+def query_argument(arg: str) -> str:
+    """The address or name a VRFY or EXPN asks about: angle brackets removed, and an
+    ``SMTPUTF8`` parameter after it dropped (RFC 6531 3.7.4.2: accepted and ignored)."""
+    head, _, last = arg.rpartition(" ")
+    if head and last.upper() == "SMTPUTF8":
+        arg = head.rstrip()
+    return arg.strip("<>")
 
 
 def parse_path(arg: str, keyword: str) -> tuple[str, str] | None:

@@ -71,6 +71,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from ingress import addresses
+
 if TYPE_CHECKING:
     from ingress.session import Recipient, Session, Transaction
     from ingress.spool import Message
@@ -240,9 +242,10 @@ class RunningServer:
 
     def mailbox(self, address: str, folder: str | None = None) -> list[bytes]:
         """The messages in the Maildir ``new/`` of *address* (of its *folder*, say
-        ``"Quarantine"``, when given), oldest first."""
-        local, _, domain = address.rpartition("@")
-        box = self.maildir / domain.lower() / local.lower()
+        ``"Quarantine"``, when given), oldest first. The folder is found as the server names
+        it: the A-label domain, the local part in NFC lower case."""
+        local, domain = addresses.split(address)
+        box = self.maildir / domain / addresses.local_key(local)
         new = (box / f".{folder}" if folder else box) / "new"
         if not new.is_dir():
             return []

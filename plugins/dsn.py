@@ -182,7 +182,17 @@ async def store_report(session, transaction, sender: str, report) -> None:
 
 
 def _lines(*lines: str) -> bytes:
-    return "".join(line + "\r\n" for line in lines).encode("ascii", "replace")
+    # UTF-8 only where an SMTPUTF8 address stands (RFC 6532 headers); anything else is ASCII.
+    return "".join(line + "\r\n" for line in lines).encode("utf-8", "replace")
+
+
+def _address_field(address: str) -> str:
+    """A Final-Recipient value (RFC 3464; RFC 6533 ``utf-8`` type with utf-8-addr-xtext for a
+    non-ASCII address, so the field stays ASCII)."""
+    if address.isascii():
+        return f"rfc822; {address}"
+    return "utf-8; " + "".join(
+        c if " " < c < "\x7f" and c not in "\\+=" else f"\\x{{{ord(c):X}}}" for c in address)
 
 
 def success_report(session, transaction, message, recipients) -> Generated:
@@ -207,7 +217,7 @@ def success_report(session, transaction, message, recipients) -> Generated:
         "",
         f"--{boundary}",
         "Content-Description: Notification",
-        "Content-Type: text/plain; charset=us-ascii",
+        "Content-Type: text/plain; charset=utf-8",
         "",
         f"Delivery report from the mail server {hostname}.",
         "",
@@ -228,7 +238,7 @@ def success_report(session, transaction, message, recipients) -> Generated:
         orcpt = parse_orcpt(r.params.get("ORCPT")) if r.params.get("ORCPT") else None
         head += _lines(
             "",
-            f"Final-Recipient: rfc822; {r.address}",
+            f"Final-Recipient: {_address_field(r.address)}",
             *([f"Original-Recipient: {orcpt[0]}; {orcpt[1]}"] if orcpt else []),
             "Action: delivered",
             "Status: 2.0.0",

@@ -29,7 +29,7 @@ def received(session, transaction) -> str:
         rcpt = f" for <{transaction.recipients[0].address}>"
     date = _date(int(time.time()))
     return (f"from {session.helo} ({session.ip_literal}) by {session.hostname} "
-            f"with {session.protocol} id {transaction.id}{rcpt}; {date}")
+            f"with {session.transaction_protocol(transaction)} id {transaction.id}{rcpt}; {date}")
 
 
 @hookimpl

@@ -45,8 +45,7 @@ def plan(session, transaction) -> tuple[list[tuple[str, str]], list]:
         members = directory.expand(rcpt.address) if rcpt.local else [rcpt.address]
         for member in members:
             if directory.is_local_address(member):
-                local, domain = directory.split(member)
-                mailboxes[(domain, local.lower())] = None
+                mailboxes[directory.mailbox(member)] = None
             else:
                 relay.append(type(rcpt)(member, dict(rcpt.params), False))
     return list(mailboxes), relay
@@ -64,10 +63,10 @@ def expand(session, transaction) -> list[Recipient]:
         for member in members:
             local = directory.is_local_address(member)
             if local:
-                part, domain = directory.split(member)
-                if (domain, part.lower()) in seen:
+                box = directory.mailbox(member)
+                if box in seen:
                     continue
-                seen.add((domain, part.lower()))
+                seen.add(box)
             final.append(Recipient(member, dict(rcpt.params), local))
     return final
 
@@ -113,13 +112,12 @@ def may_create_mailbox(session, transaction, address: str) -> bool:
     names that live transactions of this process already hold). A name it admits is held until
     *transaction* is gone. Called on the event loop."""
     directory = session.directory
-    local, domain = directory.split(address)
+    domain, name = directory.mailbox(address)
     settings = directory.domain_settings(domain)
     if not settings.catch_all or directory.is_configured(address):
         return True
     folder = Path(session.config.data["delivery"]["maildir"]) / domain
-    return _mailbox_cap.admit(folder, local.lower(), settings.catch_all_max_mailboxes,
-                              transaction)
+    return _mailbox_cap.admit(folder, name, settings.catch_all_max_mailboxes, transaction)
 
 
 def trace_headers(transaction, return_path: bool) -> bytes:
@@ -183,7 +181,8 @@ def store_generated(session, mail_from: str, recipient: str, message: Generated)
     address to its Maildir (an alias to its members), any other to the relay queue. The queue
     envelope says ``"generated": true`` and has no client fields."""
     local = session.directory.is_local_address(recipient)
-    transaction = Transaction(mail_from, recipients=[Recipient(recipient, {}, local)])
+    params: dict[str, str | None] = {} if recipient.isascii() else {"SMTPUTF8": None}
+    transaction = Transaction(mail_from, params, recipients=[Recipient(recipient, {}, local)])
     return store(session, transaction, message, generated=True)
 
 

@@ -12,6 +12,7 @@ import time
 import weakref
 from pathlib import Path
 
+from ingress import addresses
 from ingress.directory import Directory
 
 _counter = itertools.count(1)
@@ -221,12 +222,13 @@ def remove_quietly(paths) -> None:
 
 
 def mailbox_path(root: Path, domain: str, local: str) -> Path:
-    """``root/domain/local``, refusing (``PermissionError``) any name that would leave *root* or
-    nest folders, whatever the directory let through: defence in depth."""
+    """``root/domain/folder``, the folder being the local part's NFC form (as compared), refusing
+    (``PermissionError``) any name that would leave *root* or nest folders, whatever the
+    directory let through: defence in depth."""
     if (not Directory.is_safe_local_part(local) or not domain or domain.startswith(".")
             or any(c in domain for c in "/\\\0")):
         raise PermissionError(errno.EPERM, f"unsafe mailbox name {local!r} in {domain!r}")
-    return root / domain / local
+    return root / domain / addresses.local_key(local)
 
 
 QUARANTINE = ".Quarantine"  # the Maildir++ folder "Quarantine" of a mailbox

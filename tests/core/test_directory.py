@@ -112,7 +112,9 @@ def test_invalid_addresses(address):
     ("alice", True), ("Alice.Smith+tag", True), ("a-b_c=d", True), ("x" * 64, True),
     ("", False), ("x" * 65, False), (".", False), ("..", False), (".hidden", False),
     ("a..b", False), ("../etc", False), ("a/b", False), ("a\\b", False), ('"q"', False),
-    ("jörg", False), ("a b", False),
+    ("jörg", True), ("用户", True), ("ü" * 32, True), ("ü" * 33, False), ("a b", False),
+    ("a\u2215b", False), ("a\uff0fb", False), ("a\u200db", False), ("jo\u0308rg", True),
+    ("\u2603", False),
 ])
 def test_is_safe_local_part(local, safe):
     assert Directory.is_safe_local_part(local) is safe

@@ -179,3 +179,42 @@ def test_the_session_stays_usable_after_a_refused_message(ingress_server):
                         message("From: alice@example.test"))
     [stored] = server.mailbox("bob@example.test")
     assert b"From: alice@example.test" in stored
+
+
+# SMTPUTF8 (PROTOCOL.md 2): the user's address and the sender compare as NFC local parts and
+# A-label domains, whichever form each was written in.
+
+IDN_USER = {"directory": {"domains": ["bücher.example"], "users": [
+    {"address": "Jörg@xn--bcher-kva.example", "password": "pw"}]}}
+
+
+@pytest.mark.parametrize("require, sender, allowed", [
+    ("email", "jörg@bücher.example", True),
+    ("email", "jo\u0308rg@XN--BCHER-KVA.example", True),  # NFD, upper-case A-label
+    ("email", "JÖRG@BÜCHER.EXAMPLE", True),
+    ("email", "jorg@bücher.example", False),
+    ("domain", "anna@bücher.example", True),
+    ("domain", "jörg@bucher.example", False),
+])
+def test_idn_and_nfc_forms_match(ingress_plugin, require, sender, allowed):
+    from ingress_plugins import auth_match
+
+    plugin = ingress_plugin(auth_match, {"require": require}, config=IDN_USER)
+    session = plugin.session(helo="client.test", auth_user="Jörg@xn--bcher-kva.example")
+    transaction = plugin.transaction(sender, {"SMTPUTF8": None})
+    reply = plugin.call("on_mail_from", session=session, transaction=transaction)
+    assert reply == (None if allowed else auth_match.NOT_OWNED)
+
+
+def test_utf8_from_header_matches(ingress_plugin):
+    from ingress_plugins import auth_match
+
+    plugin = ingress_plugin(auth_match, {"require": "email", "mime_headers": True},
+                            config=IDN_USER)
+    session = plugin.session(helo="client.test", auth_user="Jörg@xn--bcher-kva.example")
+    good = plugin.message("From: Jörg <jörg@bücher.example>\r\n\r\nx\r\n".encode())
+    bad = plugin.message("From: Jörg <jörg@bücher.example.evil>\r\n\r\nx\r\n".encode())
+    transaction = plugin.transaction("jörg@bücher.example", {"SMTPUTF8": None})
+    assert plugin.call("on_data", session=session, transaction=transaction, message=good) is None
+    assert plugin.call("on_data", session=session, transaction=transaction,
+                       message=bad).code == 550

@@ -317,3 +317,33 @@ def test_a_third_party_may_relay_answer_comes_first(ingress_inprocess_server):
     eventually(lambda: server.queue_entries(), what="the queued DSN")
     [(envelope, _)] = server.queue_entries()
     assert envelope["recipients"] == [{"address": "someone@partner.test", "params": {}}]
+
+
+# --- SMTPUTF8 (PROTOCOL.md 2) ------------------------------------------------------------------
+
+UTF8 = {"directory": {"domains": ["bücher.example"], "users": [
+    {"address": "jörg@bücher.example", "password": "x"},
+    {"address": "用户@xn--bcher-kva.example", "password": "x"}]},
+    "plugins": {"relay": {"whitelist": ["127.0.0.1"]}}}
+
+
+def test_success_dsn_for_utf8_addresses(ingress_server):
+    server = ingress_server(UTF8)
+    replies = transaction(server, "<jörg@bücher.example> SMTPUTF8",
+                          ["<用户@bücher.example> NOTIFY=SUCCESS"])
+    assert [code for code, _ in replies] == [250, 250, 250]
+    [stored] = server.mailbox("jörg@xn--bcher-kva.example")
+    assert "To: <jörg@bücher.example>\r\n".encode() in stored
+    _, human, (_, per_recipient), _ = report_parts(stored)
+    # RFC 6533: the utf-8 address type, its value in utf-8-addr-xtext (the field stays ASCII)
+    assert per_recipient["Final-Recipient"] == "utf-8; \\x{7528}\\x{6237}@b\\x{FC}cher.example"
+    assert "<用户@bücher.example>" in human.get_payload(decode=True).decode()
+
+
+def test_a_dsn_to_an_outside_utf8_sender_is_an_smtputf8_transaction(ingress_server):
+    server = ingress_server(UTF8)
+    transaction(server, "<müller@straße.example> SMTPUTF8",
+                ["<jörg@bücher.example> NOTIFY=SUCCESS"])
+    [(envelope, _)] = server.queue_entries()
+    assert envelope["recipients"] == [{"address": "müller@straße.example", "params": {}}]
+    assert envelope["generated"] is True and envelope["smtputf8"] is True

@@ -69,3 +69,20 @@ def test_checked_before_mailbox_existence(ingress_server):
         assert result[:1] == (550,) and result[1].startswith(b"5.1.1")
         assert rcpt(client, "user1@example.test", "x@remote.test") == (
             550, b"5.7.1 Relaying denied")
+
+
+@pytest.mark.parametrize("sender, recipient", [
+    ("a@bücher.example", "b@xn--bcher-kva.example"),
+    ("a@XN--BCHER-KVA.example", "b@BÜCHER.example"),
+])
+def test_require_smtp_auth_of_an_idn_in_either_form(ingress_plugin, sender, recipient):
+    from ingress_plugins import local_delivery_auth
+
+    directory = {"domains": ["xn--bcher-kva.example"],
+                 "domain_settings": {"bücher.example": {"require_smtp_auth": True}}}
+    plugin = ingress_plugin(local_delivery_auth, {"enabled": True},
+                            config={"directory": directory})
+    session = plugin.session(helo="client.test")
+    transaction = plugin.transaction(sender, {"SMTPUTF8": None})
+    assert plugin.call("on_rcpt", session=session, transaction=transaction,
+                       recipient=plugin.recipient(recipient)) == local_delivery_auth.AUTH_REQUIRED

@@ -126,3 +126,20 @@ def test_the_count_survives_starttls(ingress_server, tmp_path):
         assert client.noop() == (421, b"4.7.0 Too many bad recipients")  # already sent
         with pytest.raises(smtplib.SMTPServerDisconnected):
             client.noop()
+
+
+def test_unknown_utf8_mailboxes_of_an_idn_count(ingress_server):
+    directory = {"domains": ["bücher.example"],
+                 "users": [{"address": "jörg@bücher.example", "password": "x"}]}
+    server = ingress_server({"directory": directory,
+                             "plugins": {"max_bad_recipients": {"limit": 3}}})
+    with server.raw() as raw:
+        raw.reply()
+        raw.cmd("EHLO client.example.org")
+        assert raw.cmd("MAIL FROM:<a@example.org> SMTPUTF8")[0] == 250
+        assert raw.cmd("RCPT TO:<jo\u0308rg@xn--bcher-kva.example>")[0] == 250  # NFD: exists
+        assert raw.cmd("RCPT TO:<jürgen@bücher.example>") == (550, "5.1.1 Mailbox unavailable")
+        assert raw.cmd("RCPT TO:<jürgen@XN--BCHER-KVA.example>")[0] == 550
+        assert raw.cmd("RCPT TO:<x@bücher.example>") == (550, "5.1.1 Mailbox unavailable")
+        assert raw.reply() == (421, "4.7.0 Too many bad recipients")
+        assert raw.closed_by_server()

@@ -73,3 +73,25 @@ def test_a_message_without_received_always_gets_one(ingress_server, mode):
 def test_the_header_comes_from_the_plugin(ingress_server):
     server = ingress_server(config("all"), disabled=("received_header",))
     assert received(send(server, PLAIN)) == []
+
+
+@pytest.mark.parametrize("tls, user, smtputf8, protocol", [
+    (False, None, True, "UTF8SMTP"), (True, None, True, "UTF8SMTPS"),
+    (False, "alice@example.test", True, "UTF8SMTPA"), (True, "alice@example.test", True,
+                                                       "UTF8SMTPSA"),
+    (True, "alice@example.test", False, "ESMTPSA"),
+])
+def test_smtputf8_transactions_say_utf8smtp(ingress_plugin, tls, user, smtputf8, protocol):
+    from ingress_plugins import received_header
+
+    plugin = ingress_plugin(received_header, {"append": "all"})
+    session = plugin.session(helo="client.test", tls=tls, auth_user=user)
+    transaction = plugin.transaction("jörg@bücher.example" if smtputf8 else "a@example.org",
+                                     {"SMTPUTF8": None} if smtputf8 else {},
+                                     recipients=("用户@例子.广告",))
+    plugin.call("on_data", session=session, transaction=transaction,
+                message=plugin.message(PLAIN))
+    [(name, value)] = transaction.added_headers
+    assert name == "Received" and f" with {protocol} id " in value
+    assert value.startswith("from client.test ([192.0.2.1]) by mx.test")
+    assert " for <用户@例子.广告>;" in value

@@ -225,3 +225,35 @@ def test_anyone_turns_off_per_domain_statistics(tmp_path):
         path = tmp_path / f"{mode}.json"
         path.write_text(json.dumps({"plugins": {"relay": {"allow": mode}}}))
         assert per_domain_statistics(config_mod.load(path)) == (mode != "anyone")
+
+
+# SMTPUTF8 (PROTOCOL.md 2): a domain is local in its A-label and its U-label form alike.
+
+IDN = {"directory": {"domains": ["bücher.example"]}}
+
+
+@pytest.mark.parametrize("recipient", ["x@bücher.example", "x@XN--BCHER-KVA.example",
+                                       "x@BÜCHER.example"])
+def test_either_form_of_a_local_idn_is_never_a_relay(ingress_plugin, recipient):
+    from ingress_plugins import relay
+
+    plugin = ingress_plugin(relay, {"allow": "nobody"}, config=IDN)
+    session = plugin.session(helo="client.test")
+    transaction = plugin.transaction("a@elsewhere.test", session=session)
+    assert plugin.call("on_rcpt", session=session, transaction=transaction,
+                       recipient=plugin.recipient(recipient)) is None
+    assert plugin.call("on_rcpt", session=session, transaction=transaction,
+                       recipient=plugin.recipient("x@bücher.elsewhere")) == relay.DENIED
+
+
+@pytest.mark.parametrize("sender", ["jörg@xn--bcher-kva.example", "jörg@Bücher.example"])
+def test_local_domains_sender_in_either_form(ingress_plugin, sender):
+    from ingress_plugins import relay
+
+    plugin = ingress_plugin(relay, {"allow": "local_domains"}, config=IDN)
+    session = plugin.session(helo="client.test")
+    transaction = plugin.transaction(sender, {"SMTPUTF8": None}, session=session)
+    assert plugin.call("on_rcpt", session=session, transaction=transaction,
+                       recipient=plugin.recipient("y@例子.广告")) is None
+    assert plugin.call("may_relay", session=session, transaction=transaction,
+                       address="y@例子.广告") is True
