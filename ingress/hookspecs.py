@@ -189,6 +189,16 @@ def config_loaded(config: Config, settings: dict[str, Any]) -> None:
     """
 
 
+@spec(FIRST)
+def per_domain_statistics(config: Config, settings: dict[str, Any]) -> bool | None:
+    """May the server keep statistics per local domain (metrics series labelled with a
+    domain)? ``True``, ``False`` or ``None`` (no opinion); the first non-``None`` answer wins and
+    no answer means yes. Asked once per config generation and process, after ``config_loaded``.
+    The builtin ``relay`` plugin says no for an open relay (``allow = "anyone"``).
+    :param config: the :class:`ingress.config.Config` of the generation.
+    """
+
+
 @spec(COLLECT)
 def shutdown(settings: dict[str, Any]) -> None:
     """The server has drained its sessions and is about to exit. Runs once per plugin object that

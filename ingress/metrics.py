@@ -4,8 +4,9 @@ Private to the core; plugins that want their own metrics create them in
 :data:`REGISTRY` with ``prometheus_client``. Counting happens in hooks like any plugin:
 ``connection_opened`` and ``on_disconnect`` (sessions, open connections: every connection,
 refused ones included), ``on_reply`` (rejections by the plugin that gave them),
-``after_delivery`` (messages, bytes, per local domain). The per-domain series are not kept
-when ``plugins.relay.allow`` is ``anyone`` (the seed: an open relay turns domain statistics off).
+``after_delivery`` (messages, bytes, per local domain). The per-domain series are kept unless a
+plugin answers no to ``per_domain_statistics`` (the relay plugin does for an open relay), asked
+once per config generation in ``config_loaded``.
 
 With ``server.workers > 1`` prometheus_client runs in multiprocess mode (each worker writes its
 values to files in a private folder, ``PROMETHEUS_MULTIPROC_DIR``, set before prometheus_client
@@ -39,9 +40,15 @@ DOMAIN_MESSAGES = Counter("ingress_domain_messages", "Accepted messages per loca
                           ["domain"], registry=REGISTRY)
 
 
-def domain_statistics(config) -> bool:
-    relay = config.plugin_settings("relay") or {}
-    return relay.get("allow") != "anyone"
+# The answer of the latest config generation in this process; statistics need no finer grain.
+_per_domain = True
+
+
+@hookimpl
+async def config_loaded(config):
+    global _per_domain
+    allowed, _ = await config.hooks.call("per_domain_statistics", config=config)
+    _per_domain = allowed is not False
 
 
 @hookimpl
@@ -65,7 +72,7 @@ def on_reply(reply, plugin):
 def after_delivery(session, transaction, message):
     MESSAGES.inc()
     BYTES.inc(message.size)
-    if domain_statistics(session.config):
+    if _per_domain:
         directory = session.directory
         for domain in {directory.split(r.address)[1] for r in transaction.recipients if r.local}:
             DOMAIN_MESSAGES.labels(domain).inc()

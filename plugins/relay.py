@@ -6,8 +6,8 @@ permits the sender (``anyone``; ``local_domains``: MAIL FROM in a local domain; 
 MAIL FROM is an existing local user). Otherwise ``550 5.7.1 Relaying denied``. The same rules
 answer the ``may_relay`` hook (may this session have mail sent to an address of its choosing).
 
-Other plugins may import :func:`per_domain_statistics` (metrics leave out per-domain series when
-``allow`` is ``anyone``) and :func:`relay_reason`.
+It also answers ``per_domain_statistics``: not with an open relay (``allow = "anyone"``), so
+the metrics leave out their per-domain series. Other plugins may import :func:`relay_reason`.
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ def check_settings(settings):
     return None
 
 
-def per_domain_statistics(config) -> bool:
-    """Whether per-domain statistics are kept: not with an open relay (``allow = "anyone"``)."""
-    settings = config.plugin_settings("relay") or {}
-    return settings.get("allow", "nobody") != "anyone"
+@hookimpl
+def per_domain_statistics(settings) -> bool | None:
+    """No per-domain statistics for an open relay (``allow = "anyone"``); no opinion otherwise."""
+    return False if settings["allow"] == "anyone" else None
 
 
 @hookimpl

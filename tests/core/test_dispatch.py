@@ -153,7 +153,7 @@ def test_every_hook_declares_its_semantics_and_types():
         assert set(hints) == {*parameters, "return"}, f"{name} lacks an annotation"
         # the plugin's own things come last: its settings, then its state store
         has_state = name not in ("config_schema", "check_settings", "startup", "config_loaded",
-                                 "shutdown")
+                                 "shutdown", "per_domain_statistics")
         tail = ["settings", "state"] if has_state else ["settings"]
         assert list(parameters)[-len(tail):] == tail, name
 

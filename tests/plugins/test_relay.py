@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from ingress_plugins import relay as relay_plugin
+
 DIRECTORY = {"domains": ["example.test"],
              "users": [{"address": "alice@example.test", "password": "alicepw"}]}
 MODES = ["nobody", "local_users", "local_domains", "anyone"]
@@ -217,14 +219,11 @@ def test_whitelist_pattern_agrees_with_ipaddress():
             ipaddress.ip_network(text, strict=False)  # must not raise
 
 
-def test_anyone_turns_off_per_domain_statistics(tmp_path):
-    from ingress import config as config_mod
-    from ingress_plugins.relay import per_domain_statistics
-
+def test_anyone_turns_off_per_domain_statistics(ingress_plugin):
     for mode in MODES:
-        path = tmp_path / f"{mode}.json"
-        path.write_text(json.dumps({"plugins": {"relay": {"allow": mode}}}))
-        assert per_domain_statistics(config_mod.load(path)) == (mode != "anyone")
+        relay = ingress_plugin(relay_plugin, {"allow": mode})
+        assert relay.call("per_domain_statistics", config=relay.config) is (
+            False if mode == "anyone" else None)
 
 
 # SMTPUTF8 (PROTOCOL.md 2): a domain is local in its A-label and its U-label form alike.
