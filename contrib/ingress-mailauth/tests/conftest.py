@@ -13,16 +13,17 @@ from dataclasses import dataclass
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from dnslib import QTYPE, RCODE, RR, TXT, A
+from dnslib import MX, QTYPE, RCODE, RR, TXT, A
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
 
 class Zone(BaseResolver):
-    """TXT and A records by name; everything else does not exist. Records every question."""
+    """TXT, A and MX records by name; everything else does not exist. Records every question."""
 
     def __init__(self, ttl: int = 0):
         self.txt: dict[str, list[str]] = {}
         self.a: dict[str, list[str]] = {}
+        self.mx: dict[str, list[str]] = {}
         self.questions: list[tuple[str, str]] = []
         self.ttl = ttl
         self._lock = threading.Lock()
@@ -41,7 +42,11 @@ class Zone(BaseResolver):
         elif qtype == "A" and name in self.a:
             for address in self.a[name]:
                 reply.add_answer(RR(name, QTYPE.A, rdata=A(address), ttl=self.ttl))
-        elif name not in self.txt and name not in self.a:
+        elif qtype == "MX" and name in self.mx:
+            for preference, exchange in enumerate(self.mx[name]):
+                reply.add_answer(RR(name, QTYPE.MX, rdata=MX(exchange, preference),
+                                    ttl=self.ttl))
+        elif not any(name in table for table in (self.txt, self.a, self.mx)):
             reply.header.rcode = RCODE.NXDOMAIN
         return reply
 
