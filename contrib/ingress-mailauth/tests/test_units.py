@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 
 import dkim
-import ingress_mailauth as mailauth
 import pytest
+
+import ingress_mailauth as mailauth
 from ingress_mailauth import DMARCResult, Signature, SPFResult
 
 MESSAGE = (b"From: Alice <alice@sender.test>\r\nTo: bob@example.test\r\nSubject: hi\r\n"
