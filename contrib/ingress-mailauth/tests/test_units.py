@@ -120,6 +120,16 @@ def test_a_huge_header_block_is_handled(plugin, zone):
     assert time.monotonic() - started < 10
 
 
+def test_a_flood_of_forged_results_is_refused(plugin, zone):
+    many = b"Authentication-Results: mx.test; spf=pass\r\n" * (mailauth.MAX_FORGED + 1)
+    reply, transaction, _ = run_data(plugin(), many + MESSAGE)
+    assert (reply.code, reply.enhanced) == (550, "5.7.1")
+    assert transaction.added_headers == [] and zone.questions == []
+    few = b"Authentication-Results: mx.test; spf=pass\r\n" * mailauth.MAX_FORGED
+    reply, transaction, msg = run_data(plugin(), few + MESSAGE)
+    assert reply is None and msg.header_count("Authentication-Results") == 0
+
+
 def test_unparsable_signature_is_a_permerror(plugin, zone):
     raw = b"DKIM-Signature: this is not a signature\r\n" + MESSAGE
     _, transaction, _ = run_data(plugin(), raw)

@@ -47,6 +47,7 @@ log = logging.getLogger("ingress_mailauth")
 NAME = "mailauth"
 SPF_REJECT = Reply(550, "5.7.23", "SPF validation failed")
 HEADER = "Authentication-Results"
+TOO_MANY_FORGED = Reply(550, "5.7.1", "Too many Authentication-Results header fields")
 
 MAX_SIGNATURES = 8  # DKIM signatures verified per message, topmost first; the rest are ignored
 MAX_ARC_SETS = 16  # a longer ARC chain is a fail without verification (RFC 8617 allows 50)
@@ -56,6 +57,9 @@ INLINE_SIZE = 128 << 10  # larger messages are parsed and verified in a worker t
 MAX_SPF_RUNS = 120  # evaluations of one SPF check (each fetches what the previous lacked)
 MAX_SPF_NAMES = 64  # distinct DNS questions of one SPF check
 MAX_VOID_LOOKUPS = 2  # RFC 7208 4.6.4
+# More of our own Authentication-Results than this: refused (each removal scans the header).
+MAX_FORGED = 20
+MAX_FROM_LENGTH = 4096  # a longer From: field has no DMARC domain (permerror)
 
 T = TypeVar("T")
 
@@ -113,8 +117,14 @@ async def on_mail_from(session, transaction, settings):
 async def on_data(session, transaction, message, settings):
     if session.auth_user or message.oversized or message.failed:
         return None
+    forged = forged_positions(message, session.hostname)
+    if len(forged) > MAX_FORGED:
+        log.info("mailauth: %s: %d Authentication-Results headers claim to be ours; refused",
+                 transaction.id, len(forged))
+        return TOO_MANY_FORGED
     results = await evaluate(session, transaction, message, settings)
-    remove_forged(message, session.hostname)
+    for index in reversed(forged):  # from the last, so the earlier indexes stay valid
+        message.remove_header(HEADER, index)
     transaction.add_header(HEADER, results.header(session.hostname, settings), first=True)
     log.info("mailauth: %s: %s", transaction.id, results.summary(settings))
     dmarc_result = results.dmarc
@@ -228,14 +238,12 @@ def authserv_id(value: str) -> str:
     return (found.group(1) if found.group(1) is not None else found.group(2)).lower()
 
 
-def remove_forged(message, hostname: str) -> None:
-    """Remove every Authentication-Results header that claims our authserv-id."""
+def forged_positions(message, hostname: str) -> list[int]:
+    """The indexes (from 1, among fields of that name) of the Authentication-Results headers
+    that claim our authserv-id."""
     ours = hostname.lower()
-    positions = [i for i, (name, value) in
-                 enumerate((n, v) for n, v in message.headers() if n.lower() == HEADER.lower())
-                 if authserv_id(value) == ours]
-    for index in reversed(positions):  # from the last, so the earlier indexes stay valid
-        message.remove_header(HEADER, index + 1)
+    values = [v for n, v in message.headers() if n.lower() == HEADER.lower()]
+    return [i for i, value in enumerate(values, 1) if authserv_id(value) == ours]
 
 
 # --- DNS ---------------------------------------------------------------------------------------
@@ -617,7 +625,7 @@ def aligned(a: str, b: str, mode: str) -> bool:
 def from_domain(message) -> str | None:
     """The domain of the one author address (RFC 7489 6.6.1), or None."""
     values = [v for n, v in message.headers() if n.lower() == "from"]
-    if len(values) != 1:
+    if len(values) != 1 or len(values[0]) > MAX_FROM_LENGTH:
         return None
     addresses = [a for _, a in email.utils.getaddresses(values) if a]
     if len(addresses) != 1 or "@" not in addresses[0]:
