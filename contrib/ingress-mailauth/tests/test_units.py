@@ -145,6 +145,7 @@ def test_unparsable_signature_is_a_permerror(plugin, zone):
     ("(comment) mx.test;", "mx.test"),
     ('"mx.test"; dkim=pass', "mx.test"),
     ("mx.test.evil; spf=pass", "mx.test.evil"),
+    ("mx.test.; spf=pass", "mx.test"),
     ("", ""),
 ])
 def test_authserv_id(value, expected):

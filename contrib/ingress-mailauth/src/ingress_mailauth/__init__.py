@@ -171,7 +171,6 @@ class Results:
     signatures: list[Signature]
     arc: str
     dmarc: DMARCResult
-    notes: list[str] = field(default_factory=list)
 
     def methods(self, settings: dict) -> list[str]:
         found = []
@@ -237,13 +236,14 @@ def authserv_id(value: str) -> str:
     found = re.match(r'"([^"]*)"|([^\s;(]+)', value)
     if not found:
         return ""
-    return (found.group(1) if found.group(1) is not None else found.group(2)).lower()
+    found_id = found.group(1) if found.group(1) is not None else found.group(2)
+    return found_id.lower().rstrip(".")
 
 
 def forged_positions(message, hostname: str) -> list[int]:
     """The indexes (from 1, among fields of that name) of the Authentication-Results headers
     that claim our authserv-id."""
-    ours = hostname.lower()
+    ours = hostname.lower().rstrip(".")
     values = [v for n, v in message.headers() if n.lower() == HEADER.lower()]
     return [i for i, value in enumerate(values, 1) if authserv_id(value) == ours]
 
