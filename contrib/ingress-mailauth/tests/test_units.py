@@ -115,9 +115,13 @@ def test_many_signatures_only_the_first_are_checked(plugin, zone, keys):
 def test_a_huge_header_block_is_handled(plugin, zone):
     raw = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"y" * 60) for i in range(20000)) + MESSAGE
     started = time.monotonic()
-    reply, transaction, _ = run_data(plugin(), raw)
+    harness = plugin()
+    reply, transaction, _ = run_data(harness, raw)
     assert reply is None and transaction.added_headers
     assert time.monotonic() - started < 10
+    assert mailauth._pool is not None  # over 128 KiB: verified in a worker thread
+    harness.call("shutdown")
+    assert mailauth._pool is None
 
 
 def test_a_flood_of_forged_results_is_refused(plugin, zone):

@@ -430,6 +430,15 @@ async def _in_thread(function: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(_pool, function, *args)
 
 
+@hookimpl
+def shutdown():
+    global _pool
+    if _pool is not None:
+        _pool.shutdown(wait=False, cancel_futures=True)
+        _pool = None
+    _resolvers.clear()
+
+
 def _big_message_slot() -> asyncio.Semaphore:
     """At most two large messages held for verification at once (per process)."""
     loop = asyncio.get_running_loop()
