@@ -21,6 +21,7 @@ CONTRIB = {  # distribution: (plugin name, module)
     "ingress-hello-policy": ("hello_policy", "hello_policy"),
     "ingress-amqp": ("amqp", "ingress_amqp"),
     "ingress-rspamd": ("rspamd", "ingress_rspamd"),
+    "ingress-mailauth": ("mailauth", "ingress_mailauth"),
 }
 
 
@@ -49,7 +50,7 @@ def test_entry_point_and_schema_are_installed(dist):
 
 @pytest.mark.parametrize("module_name", ["ingress_ratelimit", "ingress_dnsbl",
                                          "ingress_greylist", "ingress_amqp",
-                                         "ingress_rspamd"])
+                                         "ingress_rspamd", "ingress_mailauth"])
 def test_plugins_are_tested_as_installed_not_from_the_source_tree(module_name):
     path = Path(importlib.import_module(module_name).__file__).resolve()
     assert "site-packages" in path.parts, path
