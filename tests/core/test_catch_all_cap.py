@@ -157,6 +157,23 @@ def test_the_folder_is_listed_again_only_when_it_changed(tmp_path):
     assert counter.on_disk(folder) == 4
 
 
+class Holder:
+    """Stands for a transaction: a name is held while it lives."""
+
+
+def test_a_delivered_name_still_held_counts_once(tmp_path):
+    # The 250 after DATA goes out while the session's transaction (which holds the name) may
+    # live on a moment: its folder on disk and its hold must not both count.
+    counter, folder = MailboxCap(), tmp_path / "catch.test"
+    first, second = Holder(), Holder()
+    assert counter.admit(folder, "one", 2, first)
+    (folder / "one").mkdir(parents=True)  # delivered; `first` still alive
+    assert counter.admit(folder, "two", 2, second)
+    assert not counter.admit(folder, "three", 2, Holder())
+    del second  # an abandoned transaction gives its place back
+    assert counter.admit(folder, "three", 2, first)
+
+
 def test_rcpts_to_new_names_stop_at_the_cap_with_smtplib(ingress_server):
     server = ingress_server(config(2))
     with server.smtp() as client:
