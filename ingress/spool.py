@@ -19,7 +19,7 @@ import io
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from email.header import decode_header, make_header
 from pathlib import Path
 from typing import BinaryIO
@@ -33,6 +33,32 @@ def _write_all(file: BinaryIO, data) -> None:
     view = memoryview(data)
     while view:
         view = view[file.write(view):]
+
+
+def _split_fields(block: bytes) -> list[bytes]:
+    """The raw lines of a header block (whole lines, without the empty line that ends it), a
+    field with its folded continuation lines as one entry; a line that is not a field is an
+    entry of its own."""
+    fields: list[bytes] = []
+    for line in block.split(b"\r\n")[:-1] if block else []:
+        line += b"\r\n"
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        else:
+            fields.append(line)
+    return fields
+
+
+def _parse_field(raw: bytes) -> tuple[str, str] | None:
+    """``(name, unfolded raw value)`` of one entry of :func:`_split_fields`, or ``None`` for a
+    line that is not a field (no colon, a space inside the name). Whitespace between name and
+    colon is allowed (RFC 5322 4.5.3, obsolete syntax); 8-bit bytes are kept (surrogateescape)."""
+    name, colon, value = raw.decode("utf-8", "surrogateescape").partition(":")
+    name = name.rstrip(" \t")
+    if not colon or not name or " " in name or "\t" in name:
+        return None
+    first, *more = value.split("\r\n")[:-1]
+    return name, first.strip() + "".join(" " + line.strip() for line in more)
 
 
 class Message:
@@ -179,19 +205,14 @@ class Message:
         bytes are kept (surrogateescape).
         """
         if self._headers is None:
-            fields: list[list[str]] = []
-            for line in self.head().decode("utf-8", "surrogateescape").split("\r\n"):
-                if not line:
-                    break
-                if line[0] in " \t":
-                    if fields:
-                        fields[-1][1] += " " + line.strip()
-                    continue
-                name, colon, value = line.partition(":")
-                name = name.rstrip(" \t")
-                if colon and name and " " not in name and "\t" not in name:
-                    fields.append([name, value.strip()])
-            self._headers = [(n, v) for n, v in fields]
+            head = self.head()
+            end = head.find(b"\r\n\r\n")
+            if end >= 0:
+                block = head[:end + 2]
+            else:  # no empty line (within the limit): every line is a header line
+                block = head if head.endswith(b"\r\n") else head + b"\r\n"
+            parsed = map(_parse_field, _split_fields(block))
+            self._headers = [field for field in parsed if field is not None]
         return self._headers
 
     def decoded_headers(self) -> list[tuple[str, str]]:
@@ -227,14 +248,7 @@ class Message:
                 # header block is its whole lines, and anything after them stays as received.
                 cut = head.rfind(b"\r\n") + 2
                 self._head_end, head = cut, head[:cut]
-            fields: list[bytes] = []
-            for line in head.split(b"\r\n")[:-1] if head else []:
-                line += b"\r\n"
-                if line[:1] in (b" ", b"\t") and fields:
-                    fields[-1] += line
-                else:
-                    fields.append(line)
-            self._fields = fields
+            self._fields = _split_fields(head)
         return self._fields
 
     def _edited(self) -> None:
@@ -296,6 +310,24 @@ class Message:
         del self._fields[found[index - 1]]
         self._edited()
         return True
+
+    def remove_headers(self, name: str, where: Callable[[str], bool] | None = None) -> int:
+        """Remove every field called *name* (case-insensitive) whose unfolded raw value
+        satisfies *where* (every one without it), in one pass over the header block; how many
+        were removed."""
+        lname = name.lower()
+        kept, removed = [], 0
+        for raw in self._editable_fields():
+            field = _parse_field(raw)
+            if field is not None and field[0].lower() == lname and (where is None
+                                                                   or where(field[1])):
+                removed += 1
+            else:
+                kept.append(raw)
+        if removed:
+            self._fields = kept
+            self._edited()
+        return removed
 
     def replace_body(self, body: bytes | BinaryIO | Iterable[bytes]) -> None:
         """Replace everything after the header block with *body*: bytes, a binary file object

@@ -195,3 +195,17 @@ def test_a_message_without_a_header_block_gets_one(tmp_path):
     message.write(b"\r\nno headers\r\n")
     message.append_header("X-New", "1")
     assert message.getvalue() == b"X-New: 1\r\n\r\nno headers\r\n"
+
+
+def test_remove_headers_takes_every_match_in_one_pass(tmp_path):
+    message = Message(tmp_path, None)
+    forged = b"Authentication-Results: mx.test;\r\n spf=pass\r\n"
+    message.write(b"Subject: s\r\n" + forged * 5000
+                  + b"authentication-results: other.test; dkim=pass\r\n\r\nbody\r\n")
+    ours = message.remove_headers("Authentication-Results", lambda v: v.startswith("mx.test;"))
+    assert ours == 5000
+    assert message.headers() == [("Subject", "s"),
+                                 ("authentication-results", "other.test; dkim=pass")]
+    assert message.remove_headers("X-None") == 0
+    assert message.remove_headers("AUTHENTICATION-RESULTS") == 1
+    assert message.getvalue() == b"Subject: s\r\n\r\nbody\r\n"
