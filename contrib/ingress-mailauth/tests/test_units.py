@@ -124,14 +124,12 @@ def test_a_huge_header_block_is_handled(plugin, zone):
     assert mailauth._pool is None
 
 
-def test_a_flood_of_forged_results_is_refused(plugin, zone):
-    many = b"Authentication-Results: mx.test; spf=pass\r\n" * (mailauth.MAX_FORGED + 1)
-    reply, transaction, _ = run_data(plugin(), many + MESSAGE)
-    assert (reply.code, reply.enhanced) == (550, "5.7.1")
-    assert transaction.added_headers == [] and zone.questions == []
-    few = b"Authentication-Results: mx.test; spf=pass\r\n" * mailauth.MAX_FORGED
-    reply, transaction, msg = run_data(plugin(), few + MESSAGE)
+def test_a_flood_of_forged_results_is_removed(plugin, zone):
+    zone.txt["sender.test"] = ["v=spf1 ip4:127.0.0.1 -all"]
+    many = b"Authentication-Results: mx.test; spf=pass\r\n" * 20000
+    reply, transaction, msg = run_data(plugin(), many + MESSAGE)
     assert reply is None and msg.header_count("Authentication-Results") == 0
+    assert transaction.added_headers[0][1].startswith("mx.test;\r\n spf=pass ")
 
 
 def test_unparsable_signature_is_a_permerror(plugin, zone):

@@ -48,7 +48,6 @@ log = logging.getLogger("ingress_mailauth")
 NAME = "mailauth"
 SPF_REJECT = Reply(550, "5.7.23", "SPF validation failed")
 HEADER = "Authentication-Results"
-TOO_MANY_FORGED = Reply(550, "5.7.1", "Too many Authentication-Results header fields")
 
 MAX_SIGNATURES = 8  # DKIM signatures verified per message, topmost first; the rest are ignored
 MAX_ARC_SETS = 16  # a longer ARC chain is a fail without verification (RFC 8617 allows 50)
@@ -58,8 +57,6 @@ INLINE_SIZE = 128 << 10  # larger messages are parsed and verified in a worker t
 MAX_SPF_RUNS = 120  # evaluations of one SPF check (each fetches what the previous lacked)
 MAX_SPF_NAMES = 64  # distinct DNS questions of one SPF check
 MAX_VOID_LOOKUPS = 2  # RFC 7208 4.6.4
-# More of our own Authentication-Results than this: refused (each removal scans the header).
-MAX_FORGED = 20
 ARC_FIELDS = ("ARC-Seal", "ARC-Message-Signature", "ARC-Authentication-Results")
 MAX_FROM_LENGTH = 4096  # a longer From: field has no DMARC domain (permerror)
 
@@ -119,14 +116,9 @@ async def on_mail_from(session, transaction, settings):
 async def on_data(session, transaction, message, settings):
     if session.auth_user or message.oversized or message.failed:
         return None
-    forged = forged_positions(message, session.hostname)
-    if len(forged) > MAX_FORGED:
-        log.info("mailauth: %s: %d Authentication-Results headers claim to be ours; refused",
-                 transaction.id, len(forged))
-        return TOO_MANY_FORGED
-    results = await evaluate(session, transaction, message, settings)
-    for index in reversed(forged):  # from the last, so the earlier indexes stay valid
-        message.remove_header(HEADER, index)
+    results = await evaluate(session, transaction, message, settings)  # on the received message
+    ours = session.hostname.lower().rstrip(".")
+    message.remove_headers(HEADER, lambda value: authserv_id(value) == ours)  # forged
     transaction.add_header(HEADER, results.header(session.hostname, settings), first=True)
     log.info("mailauth: %s: %s", transaction.id, results.summary(settings))
     dmarc_result = results.dmarc
@@ -238,14 +230,6 @@ def authserv_id(value: str) -> str:
         return ""
     found_id = found.group(1) if found.group(1) is not None else found.group(2)
     return found_id.lower().rstrip(".")
-
-
-def forged_positions(message, hostname: str) -> list[int]:
-    """The indexes (from 1, among fields of that name) of the Authentication-Results headers
-    that claim our authserv-id."""
-    ours = hostname.lower().rstrip(".")
-    values = [v for n, v in message.headers() if n.lower() == HEADER.lower()]
-    return [i for i, value in enumerate(values, 1) if authserv_id(value) == ours]
 
 
 # --- DNS ---------------------------------------------------------------------------------------
