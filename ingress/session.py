@@ -62,7 +62,7 @@ class Transaction:
     data_limit: int | None = None
     # Headers plugins add; written above the message in this order.
     added_headers: list[tuple[str, str]] = field(default_factory=list)
-    notes: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)  # plugins' own: notes[<plugin name>]
     param_error: str | None = None  # malformed parameter list, answered by the params check
     #: why a plugin quarantined the message (see quarantine()), or None
     quarantined: str | None = None
