@@ -4,7 +4,8 @@ SPF (RFC 7208) is checked at MAIL when ``spf = "reject"`` (a ``fail`` is refused
 the end of DATA. At the end of DATA every DKIM signature (RFC 6376, at most
 :data:`MAX_SIGNATURES`), the ARC chain (RFC 8617) and DMARC (RFC 7489) are evaluated, and the
 results go into one ``Authentication-Results:`` header (RFC 8601), the message's first line;
-any such header already in the message with our authserv-id is removed first.
+any such header already in the message with our authserv-id is removed (after the checks, which
+see the message as received).
 
 The libraries (pyspf, dkimpy) do their DNS synchronously; here they never touch the network.
 DKIM and ARC keys and the DMARC record are fetched first with dnspython's asyncio resolver and
