@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -117,7 +118,7 @@ def may_create_mailbox(session, transaction, address: str) -> bool:
     settings = directory.domain_settings(domain)
     if not settings.catch_all or directory.is_configured(address):
         return True
-    folder = Path(session.config.data["delivery"]["maildir"]) / domain
+    folder = os.path.join(session.config.data["delivery"]["maildir"], domain)
     return _mailbox_cap.admit(folder, name, settings.catch_all_max_mailboxes, transaction)
 
 

@@ -143,13 +143,13 @@ class MailboxCap:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._listed: dict[Path, tuple[int, int, int]] = {}  # folder -> (inode, mtime_ns, count)
-        self._held: dict[Path, dict[str, int]] = {}  # folder -> {local part: holders}
+        self._listed: dict[str | Path, tuple[int, int, int]] = {}  # folder -> (inode, mtime, count)
+        self._held: dict[str | Path, dict[str, int]] = {}  # folder -> {local part: holders}
         # Finalizers run whenever the garbage goes, in any thread, even inside admit(): they
         # only queue the release (deque.append is atomic); admit() applies it.
-        self._released: collections.deque[tuple[Path, str]] = collections.deque()
+        self._released: collections.deque[tuple[str | Path, str]] = collections.deque()
 
-    def on_disk(self, folder: Path) -> int:
+    def on_disk(self, folder: str | Path) -> int:
         """Sub-folders of *folder* (0 when it does not exist)."""
         try:
             st = os.stat(folder)
@@ -167,11 +167,11 @@ class MailboxCap:
             self._listed.pop(folder, None)
         return count
 
-    def admit(self, folder: Path, name: str, cap: int, holder: object) -> bool:
+    def admit(self, folder: str | Path, name: str, cap: int, holder: object) -> bool:
         """Whether mail for *name* may go to ``folder/name``: yes when that mailbox exists,
         else only if the folders on disk plus the names held by live transactions stay within
         *cap*; then *name* is held until *holder* (the transaction) is garbage."""
-        if os.path.isdir(folder / name):
+        if os.path.isdir(os.path.join(folder, name)):
             return True
         with self._lock:
             while self._released:
@@ -183,7 +183,7 @@ class MailboxCap:
         weakref.finalize(holder, self._released.append, (folder, name))
         return True
 
-    def _release(self, folder: Path, name: str) -> None:
+    def _release(self, folder: str | Path, name: str) -> None:
         held = self._held[folder]
         held[name] -= 1
         if not held[name]:
