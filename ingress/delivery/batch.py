@@ -6,15 +6,17 @@ each directory it touched once for all of them (:func:`ingress.delivery.maildir.
 Each message's future is resolved only once its own files and directory entries are durable;
 a message that fails gets a ``451`` and leaves nothing behind, without failing the others.
 
-One batch runs at a time per loop: what becomes ready while it runs waits for it to finish and
-then goes as the next batch. Under load that is what fills the batches; when idle a message
-waits one turn of the loop at most.
+One batch runs at a time per loop, in a thread of its own: what becomes ready while it runs
+waits for it to finish and then goes as the next batch. Under load that is what fills the
+batches; when idle a message waits one turn of the loop at most.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import weakref
 from collections.abc import Callable
 
@@ -30,13 +32,24 @@ Stager = Callable[[], "tuple[object, list[str], list[str]]"]
 
 
 class DeliveryBatcher:
-    """The delivery batches of one event loop."""
+    """The delivery batches of one event loop, stored by a thread of its own.
+
+    The thread takes a batch from a queue and hands the outcomes back with one
+    ``call_soon_threadsafe``: cheaper than an executor's future per batch. It ends after
+    :data:`IDLE_SECONDS` without work and is started again when needed.
+    """
+
+    IDLE_SECONDS = 30.0
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
         self._waiting: list[tuple[Stager, str, asyncio.Future]] = []
-        self._running = False  # a batch is in its thread
+        self._running = False  # a batch is with the thread
+        self._sent: list[tuple[Stager, str, asyncio.Future]] = []  # that batch
         self._scheduled = False  # a launch is due at the next turn of the loop
+        self._batches: queue.SimpleQueue[list[Stager]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()  # the thread's coming and going
 
     def submit(self, stager: Stager, queue_id: str) -> asyncio.Future:
         """Store a message with the next batch: a future of the stager's result once the
@@ -54,19 +67,39 @@ class DeliveryBatcher:
         self._scheduled = False
         if self._running or not self._waiting:
             return
-        batch, self._waiting = self._waiting, []
         self._running = True
-        done = self._loop.run_in_executor(
-            None, maildir.commit_group, [stager for stager, _, _ in batch])
-        done.add_done_callback(lambda finished: self._finish(batch, finished))
+        self._sent = self._waiting
+        self._waiting = []
+        with self._thread_lock:
+            self._batches.put([stager for stager, _, _ in self._sent])
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._store, name="ingress-delivery",
+                                                daemon=True)
+                self._thread.start()
 
-    def _finish(self, batch: list[tuple[Stager, str, asyncio.Future]],
-                finished: asyncio.Future) -> None:
+    def _store(self) -> None:
+        """The thread: store each batch, hand its outcomes to the loop."""
+        while True:
+            try:
+                stagers = self._batches.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self._thread_lock:
+                    if self._batches.empty():
+                        self._thread = None
+                        return
+                continue
+            try:
+                outcomes: list = maildir.commit_group(stagers)
+            except BaseException as exc:  # commit_group hands errors back; this is a bug
+                outcomes = [exc] * len(stagers)
+            try:
+                self._loop.call_soon_threadsafe(self._finish, outcomes)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+    def _finish(self, outcomes: list) -> None:
+        batch, self._sent = self._sent, []
         self._running = False
-        try:
-            outcomes = finished.result()
-        except BaseException as exc:  # the executor itself failed (shut down)
-            outcomes = [exc] * len(batch)
         for (_, queue_id, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():  # its session stopped waiting (hook timeout, shutdown)
                 continue
