@@ -101,6 +101,9 @@ class DeliveryBatcher:
                 self._loop.call_soon_threadsafe(self._finish, batch, outcomes)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
+            # Let go of the transactions (and the exceptions' frames) while waiting for the next
+            # batch: what a transaction holds, such as a catch-all place, is freed with it.
+            del batch, outcomes
 
     def _finish(self, batch: list[Entry], outcomes: list) -> None:
         self._running -= 1
