@@ -29,8 +29,6 @@ STORAGE_ERROR = Reply(451, "4.3.0", "Local storage error, try again later")
 
 # A stager writes one message's files (data fsynced) and returns (result, files, folders).
 Stager = Callable[[], "tuple[object, list[str], list[str]]"]
-
-
 Entry = tuple[Stager, str, asyncio.Future]  # a message: stager, queue id, its future
 
 
@@ -39,7 +37,8 @@ class DeliveryBatcher:
 
     Up to :attr:`parallel` batches run at once, one per thread: a disk serves concurrent fsyncs
     far better than the same fsyncs one after the other (measured on a virtio disk: 4 threads
-    stored 2 KB files 2.2 times as fast as one, 8 threads 4 times). What becomes ready while
+    stored 2 KB files 2.2 times as fast as one, 8 threads 4 times; with 16 busy sessions, 8
+    batches at once delivered 6-12 % more than 4 for the same CPU). What becomes ready while
     all of them are busy waits and then goes together, so a busier server makes larger
     batches. A thread takes its batch from a queue and hands the outcomes back with one
     ``call_soon_threadsafe``; it ends after :attr:`IDLE_SECONDS` without work.
@@ -47,7 +46,7 @@ class DeliveryBatcher:
 
     IDLE_SECONDS = 30.0
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, parallel: int = 4):
+    def __init__(self, loop: asyncio.AbstractEventLoop, parallel: int = 8):
         self._loop = loop
         self.parallel = parallel
         self._waiting: list[Entry] = []
