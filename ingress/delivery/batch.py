@@ -14,6 +14,7 @@ that is what fills the batches; when idle a message waits one turn of the loop a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
@@ -52,7 +53,10 @@ class DeliveryBatcher:
         self._waiting: list[Entry] = []
         self._running = 0  # batches handed to the threads and not finished yet
         self._scheduled = False  # a launch is due at the next turn of the loop
-        self._batches: queue.SimpleQueue[list[Entry]] = queue.SimpleQueue()
+        # The threads get a batch's number and stagers; its entries stay with the loop.
+        self._batches: queue.SimpleQueue[tuple[int, list[Stager]]] = queue.SimpleQueue()
+        self._in_flight: dict[int, list[Entry]] = {}
+        self._numbers = itertools.count()
         self._threads = 0
         self._threads_lock = threading.Lock()  # the threads' coming and going
 
@@ -74,8 +78,10 @@ class DeliveryBatcher:
             return
         batch, self._waiting = self._waiting, []
         self._running += 1
+        number = next(self._numbers)
+        self._in_flight[number] = batch
         with self._threads_lock:
-            self._batches.put(batch)
+            self._batches.put((number, [stager for stager, _, _ in batch]))
             if self._threads < self._running:  # busy threads < running: one is free or coming
                 self._threads += 1
                 threading.Thread(target=self._store, name="ingress-delivery",
@@ -85,7 +91,7 @@ class DeliveryBatcher:
         """A thread: store batches, hand each one's outcomes to the loop."""
         while True:
             try:
-                batch = self._batches.get(timeout=self.IDLE_SECONDS)
+                number, stagers = self._batches.get(timeout=self.IDLE_SECONDS)
             except queue.Empty:
                 with self._threads_lock:
                     if self._batches.empty():
@@ -93,19 +99,21 @@ class DeliveryBatcher:
                         return
                 continue
             try:
-                outcomes: list = maildir.commit_group([stager for stager, _, _ in batch])
+                outcomes: list = maildir.commit_group(stagers)
             except BaseException as exc:  # commit_group hands errors back; this is a bug
-                outcomes = [exc] * len(batch)
+                outcomes = [exc] * len(stagers)
+            # Let go of the transactions before the loop hears of the outcome: the session may
+            # go on at once, and what a transaction holds (a catch-all place) goes with it.
+            del stagers
             try:
-                self._loop.call_soon_threadsafe(self._finish, batch, outcomes)
+                self._loop.call_soon_threadsafe(self._finish, number, outcomes)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
-            # Let go of the transactions (and the exceptions' frames) while waiting for the next
-            # batch: what a transaction holds, such as a catch-all place, is freed with it.
-            del batch, outcomes
+            del outcomes
 
-    def _finish(self, batch: list[Entry], outcomes: list) -> None:
+    def _finish(self, number: int, outcomes: list) -> None:
         self._running -= 1
+        batch = self._in_flight.pop(number)
         for (_, queue_id, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():  # its session stopped waiting (hook timeout, shutdown)
                 continue
