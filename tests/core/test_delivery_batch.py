@@ -178,3 +178,34 @@ def test_deliver_many_stores_each_request(tmp_path, quarantine):
         assert all(f"/{folder}/" in p for p in finals)
         with open(finals[1], "rb") as f:
             assert f.read().startswith(b"X: 1\r\nSubject: m")
+
+
+def test_what_becomes_ready_while_every_batch_runs_goes_together_next(tmp_path, monkeypatch):
+    groups: list[int] = []
+    real_commit = maildir.commit_group
+
+    def counting(stagers):
+        groups.append(len(stagers))
+        return real_commit(stagers)
+
+    monkeypatch.setattr(maildir, "commit_group", counting)
+    release = threading.Event()
+
+    def slow():
+        release.wait(10)
+        return stager(tmp_path, "a", "first")()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        batcher = batch.DeliveryBatcher(loop, parallel=1)
+        first = batcher.submit(slow, "q0")
+        await asyncio.sleep(0.05)  # the first batch is in its thread, waiting
+        later = [batcher.submit(stager(tmp_path, "b", f"m{i}"), f"q{i + 1}") for i in range(3)]
+        await asyncio.sleep(0.05)
+        assert groups == [1], "nothing else starts while the only batch runs"
+        release.set()
+        return await asyncio.gather(first, *later)
+
+    results = asyncio.run(main())
+    assert groups == [1, 3]
+    assert all(len(finals) == 1 and os.path.exists(finals[0]) for finals in results)
