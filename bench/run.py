@@ -41,7 +41,9 @@ SMTP_SOURCE = common.SMTP_SOURCE
 SMTP_SINK = "/usr/sbin/smtp-sink"
 DOMAIN = "bench.test"
 USERS = 4
-SERVERS = ("ingress", "ingress-2w", "baseline", "sink", "haraka", "haraka-2n")
+SERVERS = ("ingress", "ingress-2w", "baseline", "sink", "haraka", "haraka-2n", "ingress-before")
+# the interpreter of another installation of ingress (--before), run as server ingress-before
+BEFORE_PYTHON: str | None = None
 # what the table compares each ingress row with (msgs/s and CPU per message)
 PEERS = {"ingress": "haraka", "ingress-2w": "haraka-2n"}
 CLIENTS = ("smtp-source", "asyncio")
@@ -153,6 +155,7 @@ class Server:
         no_uvloop = [] if self.uvloop else ["--no-uvloop"]
         if self.kind.startswith("ingress"):
             workers = 2 if self.kind == "ingress-2w" else 1
+            python = BEFORE_PYTHON if self.kind == "ingress-before" else sys.executable
             config = {
                 "server": {"hostname": DOMAIN, "listen": ["127.0.0.1:0"], "workers": workers,
                            "drain_seconds": 5},
@@ -165,7 +168,7 @@ class Server:
             }
             path = self.workdir / "ingress.json"
             path.write_text(json.dumps(config, indent=1))
-            self._spawn([sys.executable, "-m", "ingress", "serve", "--config", str(path),
+            self._spawn([python, "-m", "ingress", "serve", "--config", str(path),
                          *no_uvloop], "ingress: listening on")
         elif self.kind == "baseline":
             self._spawn([sys.executable, str(HERE / "baseline.py"), "--maildir",
@@ -390,6 +393,8 @@ def summary(rows: list[Row]) -> str:
     pairs = {"ingress / baseline": ("ingress", "baseline", "rate"),
              "ingress / ceiling (smtp-sink)": ("ingress", "sink", "rate"),
              "ingress 2 workers / ingress": ("ingress-2w", "ingress", "rate"),
+             "ingress / ingress before (--before)": ("ingress", "ingress-before", "rate"),
+             "CPU per message: ingress / ingress before": ("ingress", "ingress-before", "cpu_us"),
              "ingress 2 workers / baseline": ("ingress-2w", "baseline", "rate"),
              "ingress / Haraka nodes=1": ("ingress", "haraka", "rate"),
              "ingress 2 workers / Haraka nodes=2": ("ingress-2w", "haraka-2n", "rate"),
@@ -430,7 +435,8 @@ def machine() -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small counts, one repetition")
-    p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset")
+    p.add_argument("--servers", default=",".join(s for s in SERVERS if s != "ingress-before"),
+                   help="comma-separated subset; ingress-before with --before")
     p.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated subset")
     p.add_argument("--sizes", default="2048,102400", help="message sizes in bytes")
     p.add_argument("--modes", default="one,many", help="messages per connection: one, many")
@@ -440,6 +446,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--big-mb", type=int, help="one message this large to ingress, for peak "
                    "RSS (0: skip)")
     p.add_argument("--no-uvloop", action="store_true", help="asyncio's loop everywhere")
+    p.add_argument("--before", metavar="PYTHON",
+                   help="the interpreter of another ingress installation (say the code before a "
+                        "change, in a venv of its own): server ingress-before, one process")
     p.add_argument("--quiet", type=float, metavar="SHARE",
                    help="before each run, wait until other programs use less than this share "
                         "of the CPUs (e.g. 0.15), for at most --patience seconds")
@@ -457,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     preset = PRESETS["quick" if args.quick else "full"]
     servers = [s for s in args.servers.split(",") if s]
+    global BEFORE_PYTHON
+    BEFORE_PYTHON = args.before
+    if "ingress-before" in servers and not args.before:
+        raise SystemExit("server ingress-before needs --before PYTHON")
     clients = [c for c in args.clients.split(",") if c]
     for name in servers:
         if name not in SERVERS:

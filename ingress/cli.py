@@ -8,6 +8,7 @@ import asyncio
 import getpass
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -53,10 +54,39 @@ class BatchingHandler(logging.StreamHandler):
                     pass  # stderr gone: nothing sensible left to do with log lines
 
 
+_pid = os.getpid()  # for log lines: records carry no pid of their own (lean_log_records)
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def lean_log_records() -> None:
+    """Log records without what our formats never show: no caller lookup (a walk up the stack
+    for file, line and function), no thread, process or task names, no ``getpid`` system call
+    per record (the formatters fill in the pid this process had when it started or forked).
+    Every log line of a busy server pays for these otherwise."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging.logProcesses = False
+    if hasattr(logging, "logAsyncioTasks"):  # Python 3.12+
+        logging.logAsyncioTasks = False
+
+
 class TextFormatter(logging.Formatter):
     """``%(asctime)s`` formatted once per second, not once per line."""
 
     _second, _text = -1, ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.process is None:
+            record.process = _pid
+        return super().format(record)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)
@@ -74,7 +104,7 @@ class JSONFormatter(logging.Formatter):
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "pid": record.process,
+            "pid": _pid if record.process is None else record.process,
             "message": record.getMessage(),
         }
         for key, value in getattr(record, "fields", {}).items():  # logged with extra={"fields"}
@@ -219,6 +249,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    lean_log_records()
     handler = BatchingHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if args.log_format == "json" else TextFormatter(
         "%(asctime)s ingress[%(process)d] %(levelname)s %(name)s: %(message)s"))

@@ -307,9 +307,18 @@ class Connection(asyncio.Protocol):
         self._rate_from = None
 
     def _arm(self) -> None:
-        self._cancel_timer()
+        # A timer already set to fire no later than the new due time is kept: when it fires,
+        # _on_timer looks again and sets the rest. So a command costs no cancel and new timer.
         due = self._due()
-        if due is not None and self.transport is not None:
+        if due is None:
+            return  # an armed timer finds nothing due when it fires and stops
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= due[1]:
+                return
+            timer.cancel()
+            self._timer = None
+        if self.transport is not None:
             self._timer = self.loop.call_at(due[1], self._on_timer)
 
     def _on_timer(self) -> None:

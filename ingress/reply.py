@@ -43,9 +43,21 @@ class Reply:
         return self.code < 400
 
     def wire(self) -> bytes:
-        """The reply as bytes on the wire, CRLF-terminated, one line per text line."""
+        """The reply as bytes on the wire, CRLF-terminated, one line per text line. Rendered
+        once per reply: the core's constant replies are sent again and again."""
+        rendered = self.__dict__.get("_wire")
+        if rendered is None:
+            rendered = self.__dict__["_wire"] = self._render()
+        return rendered
+
+    def _render(self) -> bytes:
+        text, enhanced = self.text, self.enhanced
+        if (isinstance(text, str) and enhanced and text and text.isprintable()
+                and not text[-1].isspace()):
+            # The usual reply (one line of plain text): nothing to clean or strip.
+            return f"{self.code} {enhanced} {text}\r\n".encode("utf-8", "replace")
         lines = self.lines or ("",)
-        prefix = f"{self.enhanced} " if self.enhanced else ""
+        prefix = f"{enhanced} " if enhanced else ""
         out = []
         last = len(lines) - 1
         for i, line in enumerate(lines):

@@ -186,6 +186,7 @@ class Server:
     def __init__(self, cfg: config_mod.Config, worker: Worker | None = None):
         self.config = cfg
         self.worker = worker
+        self._spool_dir: tuple[config_mod.Config, Path] | None = None
         self.tls_context = tls_context(cfg)
         self.own_connections = 0  # open connections of this process, exact
         self.key_counts = KeyCounts() if worker is None or worker.key_table is None else (
@@ -237,7 +238,11 @@ class Server:
         self.messages_accepted += 1
 
     def spool_dir(self, cfg: config_mod.Config) -> Path:
-        return spool_dir(cfg)
+        # Asked per message, mostly of the same config generation: made once per generation.
+        cached = self._spool_dir
+        if cached is None or cached[0] is not cfg:
+            cached = self._spool_dir = (cfg, spool_dir(cfg))
+        return cached[1]
 
     # --- listeners -----------------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ Plugins may import :class:`Delivered`, :func:`may_relay`, :func:`may_create_mail
 :func:`store_generated` and :class:`Generated`.
 
 Durability: a message is written to ``tmp/``, fsynced, linked into each mailbox's ``new/``, and
-every touched directory is fsynced before ``deliver`` returns; the queue's ``.eml`` and ``.json``
+every touched directory is fsynced before ``deliver`` answers (messages that are ready together
+share one thread hop and one fsync per directory: :mod:`.batch`); the queue's ``.eml`` and ``.json``
 are both fsynced, the ``.json`` renamed into place last (its presence marks a complete entry). Any
 failure removes what was written and answers ``451 4.3.0``, so nothing half-written remains and
 the client retries.
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ingress import hookimpl
-from ingress.delivery import maildir, queue
-from ingress.reply import Reply
+from ingress.delivery import batch, maildir, queue
 from ingress.session import Recipient, Transaction
 
 log = logging.getLogger("ingress.delivery")
@@ -116,7 +118,7 @@ def may_create_mailbox(session, transaction, address: str) -> bool:
     settings = directory.domain_settings(domain)
     if not settings.catch_all or directory.is_configured(address):
         return True
-    folder = Path(session.config.data["delivery"]["maildir"]) / domain
+    folder = os.path.join(session.config.data["delivery"]["maildir"], domain)
     return _mailbox_cap.admit(folder, name, settings.catch_all_max_mailboxes, transaction)
 
 
@@ -134,27 +136,43 @@ def store(session, transaction, message, *, generated: bool = False) -> Delivere
 
     *generated*: the message was written by this server (a DSN), not received from the client.
     """
+    outcome = maildir.commit_group([lambda: stage(session, transaction, message, generated)])[0]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def stage(session, transaction, message, generated: bool = False
+          ) -> tuple[Delivered, list[str], list[str]]:
+    """Blocking: :func:`store` but for the directory fsyncs: ``(what was delivered, files
+    written, folders whose entries must still be fsynced)``; the files' data is durable.
+    Undoes everything on failure."""
     config = session.config
     mailboxes, relay = plan(session, transaction)
     written: list[str] = []
+    folders: list[str] = []
     try:
         if mailboxes:
-            written += maildir.deliver(Path(config.data["delivery"]["maildir"]), mailboxes,
-                                       trace_headers(transaction, True), message,
-                                       config.hostname, transaction.quarantined is not None)
+            finals, boxes = maildir.stage(config.data["delivery"]["maildir"], mailboxes,
+                                          trace_headers(transaction, True), message,
+                                          config.hostname, transaction.quarantined is not None)
+            written += finals
+            folders += boxes
         if relay:
-            written += queue.enqueue(Path(config.data["delivery"]["queue"]), transaction.id,
-                                     trace_headers(transaction, False), message,
-                                     queue.envelope(session, transaction, relay, generated))
+            root = Path(config.data["delivery"]["queue"])
+            written += queue.stage(root, transaction.id, trace_headers(transaction, False),
+                                   message, queue.envelope(session, transaction, relay, generated))
+            folders.append(str(root))
     except BaseException:
         maildir.remove_quietly(written)
         raise
-    return Delivered(
+    delivered = Delivered(
         transaction.id,
         tuple(f"{local}@{domain}" for domain, local in mailboxes),
         tuple(written),
         tuple(r.address for r in relay),
     )
+    return delivered, written, folders
 
 
 class Generated:
@@ -187,9 +205,8 @@ def store_generated(session, mail_from: str, recipient: str, message: Generated)
 
 
 @hookimpl
-async def deliver(session, transaction, message):
-    try:
-        return await asyncio.to_thread(store, session, transaction, message)
-    except OSError as exc:
-        log.error("queue id %s: storage failed: %s", transaction.id, exc)
-        return Reply(451, "4.3.0", "Local storage error, try again later")
+def deliver(session, transaction, message) -> asyncio.Future:
+    """Hand the message to this event loop's delivery batch (see :mod:`.batch`): a future of
+    its :class:`Delivered` once durable, or of a ``451`` reply when storing it failed."""
+    return batch.for_loop().submit(partial(stage, session, transaction, message),
+                                   transaction.id)

@@ -10,13 +10,26 @@ import re
 import threading
 import time
 import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from ingress import addresses
 from ingress.directory import Directory
 
+T = TypeVar("T")
+
 _counter = itertools.count(1)
-_created: set[Path] = set()  # mailboxes known to exist with tmp/new/cur
+_created: set[str] = set()  # mailboxes known to exist with tmp/new/cur
+_pid = os.getpid()  # in every file name; os.getpid() is a system call
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)  # worker processes: names stay unique
 
 
 def fold_safe(value: str) -> str:
@@ -25,7 +38,7 @@ def fold_safe(value: str) -> str:
     return re.sub(r"\r\n(?![ \t])", "\r\n ", value)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -43,7 +56,7 @@ class DirectorySync:
     caller still returns only once its own entry is on disk (or raises that fsync's error).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: str):
         self.path = path
         self._cond = threading.Condition()
         self._started = 0  # number of the last fsync started
@@ -81,12 +94,13 @@ class DirectorySync:
             raise OSError(error.errno, f"fsync of {self.path} failed: {error.strerror}")
 
 
-_syncs: dict[Path, DirectorySync] = {}  # only directories being synced now
+_syncs: dict[str, DirectorySync] = {}  # only directories being synced now
 _syncs_lock = threading.Lock()
 
 
-def sync_dir(path: Path) -> None:
+def sync_dir(path: str | Path) -> None:
     """fsync *path*, sharing the fsync with concurrent callers (see :class:`DirectorySync`)."""
+    path = os.fspath(path)
     with _syncs_lock:
         syncer = _syncs.get(path)
         if syncer is None:
@@ -101,14 +115,15 @@ def sync_dir(path: Path) -> None:
                 del _syncs[path]
 
 
-def ensure_maildir(box: Path) -> None:
+def ensure_maildir(box: str) -> None:
     if box in _created:
         return
-    missing = [p for p in (box, *box.parents) if not p.exists()]
+    path = Path(box)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
     for sub in ("tmp", "new", "cur"):
-        (box / sub).mkdir(parents=True, exist_ok=True)
+        (path / sub).mkdir(parents=True, exist_ok=True)
     # New directories must survive a crash too: fsync each created one's parent.
-    for p in [box / "tmp", box / "new", box / "cur", *missing]:
+    for p in [path / "tmp", path / "new", path / "cur", *missing]:
         fsync_dir(p.parent)
     _created.add(box)
 
@@ -128,13 +143,13 @@ class MailboxCap:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._listed: dict[Path, tuple[int, int, int]] = {}  # folder -> (inode, mtime_ns, count)
-        self._held: dict[Path, dict[str, int]] = {}  # folder -> {local part: holders}
+        self._listed: dict[str | Path, tuple[int, int, int]] = {}  # folder -> (inode, mtime, count)
+        self._held: dict[str | Path, dict[str, int]] = {}  # folder -> {local part: holders}
         # Finalizers run whenever the garbage goes, in any thread, even inside admit(): they
         # only queue the release (deque.append is atomic); admit() applies it.
-        self._released: collections.deque[tuple[Path, str]] = collections.deque()
+        self._released: collections.deque[tuple[str | Path, str]] = collections.deque()
 
-    def on_disk(self, folder: Path) -> int:
+    def on_disk(self, folder: str | Path) -> int:
         """Sub-folders of *folder* (0 when it does not exist)."""
         try:
             st = os.stat(folder)
@@ -152,11 +167,11 @@ class MailboxCap:
             self._listed.pop(folder, None)
         return count
 
-    def admit(self, folder: Path, name: str, cap: int, holder: object) -> bool:
+    def admit(self, folder: str | Path, name: str, cap: int, holder: object) -> bool:
         """Whether mail for *name* may go to ``folder/name``: yes when that mailbox exists,
         else only if the folders on disk plus the names held by live transactions stay within
         *cap*; then *name* is held until *holder* (the transaction) is garbage."""
-        if os.path.isdir(folder / name):
+        if os.path.isdir(os.path.join(folder, name)):
             return True
         with self._lock:
             while self._released:
@@ -168,16 +183,16 @@ class MailboxCap:
         weakref.finalize(holder, self._released.append, (folder, name))
         return True
 
-    def _room(self, folder: Path, held: dict[str, int], cap: int) -> bool:
+    def _room(self, folder: str | Path, held: dict[str, int], cap: int) -> bool:
         """Whether one more name fits: folders on disk plus held names not yet on disk. A held
         name whose message was delivered is on disk already while its transaction lives on a
         moment after the 250; only near the cap is it worth a stat per held name to see."""
         on_disk = self.on_disk(folder)
         if on_disk + len(held) < cap:
             return True
-        return on_disk + sum(not os.path.isdir(folder / n) for n in held) < cap
+        return on_disk + sum(not os.path.isdir(os.path.join(folder, n)) for n in held) < cap
 
-    def _release(self, folder: Path, name: str) -> None:
+    def _release(self, folder: str | Path, name: str) -> None:
         held = self._held[folder]
         held[name] -= 1
         if not held[name]:
@@ -186,10 +201,15 @@ class MailboxCap:
             del self._held[folder]
 
 
+_name_hosts: dict[str, str] = {}  # hostname -> its form in file names
+
+
 def unique_name(hostname: str) -> str:
-    now = time.time_ns()
-    host = hostname.replace("/", "\\057").replace(":", "\\072")
-    return f"{now // 10**9}.M{(now // 1000) % 10**6}P{os.getpid()}Q{next(_counter)}.{host}"
+    host = _name_hosts.get(hostname)
+    if host is None:
+        host = _name_hosts[hostname] = hostname.replace("/", "\\057").replace(":", "\\072")
+    seconds, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
+    return f"{seconds}.M{nanoseconds // 1000}P{_pid}Q{next(_counter)}.{host}"
 
 
 def write_all(fd: int, buffers: list) -> None:
@@ -205,7 +225,7 @@ def write_all(fd: int, buffers: list) -> None:
             view = view[os.write(fd, view):]
 
 
-def write_file(path: Path, header: bytes, message) -> None:
+def write_file(path: str | Path, header: bytes, message) -> None:
     """Create *path* with *header* and the message, and fsync it. Plain descriptor calls: this
     runs in a worker thread for every message, and each call there is a turn at the GIL."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -230,54 +250,117 @@ def remove_quietly(paths) -> None:
             pass
 
 
-def mailbox_path(root: Path, domain: str, local: str) -> Path:
+def mailbox_path(root: str | Path, domain: str, local: str) -> str:
     """``root/domain/folder``, the folder being the local part's NFC form (as compared), refusing
     (``PermissionError``) any name that would leave *root* or nest folders, whatever the
     directory let through: defence in depth."""
     if (not Directory.is_safe_local_part(local) or not domain or domain.startswith(".")
             or any(c in domain for c in "/\\\0")):
         raise PermissionError(errno.EPERM, f"unsafe mailbox name {local!r} in {domain!r}")
-    return root / domain / addresses.local_key(local)
+    return os.path.join(root, domain, addresses.local_key(local))
 
 
 QUARANTINE = ".Quarantine"  # the Maildir++ folder "Quarantine" of a mailbox
 
 
-def deliver(root: Path, mailboxes: list[tuple[str, str]], header: bytes, message,
+def deliver(root: str | Path, mailboxes: list[tuple[str, str]], header: bytes, message,
             hostname: str, quarantine: bool = False) -> list[str]:
     """Write one copy into the first mailbox's ``tmp/``, hard-link it into the other mailboxes'
-    ``new/``, rename it into the first one's ``new/``; return the final paths. *quarantine*:
-    into each mailbox's ``Quarantine`` folder instead."""
+    ``new/``, rename it into the first one's ``new/``, fsync those ``new/`` folders; return the
+    final paths. *quarantine*: into each mailbox's ``Quarantine`` folder instead."""
+    finals, folders = stage(root, mailboxes, header, message, hostname, quarantine)
+    try:
+        for folder in folders:
+            sync_dir(folder)
+    except BaseException:
+        remove_quietly(finals)
+        raise
+    return finals
+
+
+def deliver_many(requests: Sequence[tuple]) -> list[list[str] | BaseException]:
+    """:func:`deliver` for several messages at once, each request being its arguments: every
+    file is written and its data fsynced, then each touched ``new/`` folder is fsynced once for
+    all of them. Per request, its final paths or the exception that failed it (a failed one
+    leaves nothing behind and does not fail the others)."""
+    def staging(request: tuple):
+        def run():
+            finals, folders = stage(*request)
+            return finals, finals, folders
+        return run
+
+    return commit_group([staging(request) for request in requests])
+
+
+def commit_group(stagers: Sequence[Callable[[], tuple[T, list[str], list[str]]]]
+                 ) -> list[T | BaseException]:
+    """Run each of *stagers* (each writes its files with their data fsynced and returns
+    ``(result, files written, folders whose entries must be fsynced)``), then fsync every folder
+    they named once, through :func:`sync_dir`. Per stager: its result once all of its folders are
+    durable, or the exception that failed it, after its files were removed. One failure fails
+    only the stagers concerned."""
+    outcomes: list[T | BaseException] = []
+    written: list[tuple[list[str], list[str]]] = []
+    folders: dict[str, OSError | None] = {}
+    for stager in stagers:
+        try:
+            result, files, touched = stager()
+        except BaseException as exc:  # handed to that message's session
+            outcomes.append(exc)
+            written.append(([], []))
+            continue
+        outcomes.append(result)
+        written.append((files, touched))
+        for folder in touched:
+            folders[folder] = None
+    for folder in folders:
+        try:
+            sync_dir(folder)
+        except OSError as exc:
+            folders[folder] = exc
+    for i, (files, touched) in enumerate(written):
+        error = next((folders[f] for f in touched if folders[f] is not None), None)
+        if error is not None:
+            remove_quietly(files)
+            outcomes[i] = error
+    return outcomes
+
+
+def stage(root: str | Path, mailboxes: list[tuple[str, str]], header: bytes, message,
+          hostname: str, quarantine: bool = False) -> tuple[list[str], list[str]]:
+    """:func:`deliver` but for the directory fsyncs: the final paths (the file's data is
+    durable) and the ``new/`` folders whose entries the caller must still fsync."""
     boxes = [mailbox_path(root, domain, local) for domain, local in mailboxes]
     if quarantine:
-        boxes = [box / QUARANTINE for box in boxes]
+        boxes = [box + "/" + QUARANTINE for box in boxes]
     for box in boxes:
         ensure_maildir(box)
     try:
-        return deliver_into(boxes, header, message, hostname)
+        finals = place(boxes, header, message, hostname)
     except FileNotFoundError:
         # A mailbox removed while we run (by hand, by a cleanup job): make it again, once.
         for box in boxes:
             _created.discard(box)
             ensure_maildir(box)
-        return deliver_into(boxes, header, message, hostname)
+        finals = place(boxes, header, message, hostname)
+    return finals, [box + "/new" for box in boxes]
 
 
-def deliver_into(boxes: list[Path], header: bytes, message, hostname: str) -> list[str]:
+def place(boxes: list[str], header: bytes, message, hostname: str) -> list[str]:
+    """Write the file in the first box's ``tmp/`` with its data fsynced, link it into the other
+    boxes' ``new/`` and rename it into the first one's; nothing is left on failure."""
     name = unique_name(hostname)
-    tmp = boxes[0] / "tmp" / name
+    tmp = boxes[0] + "/tmp/" + name
     finals: list[str] = []
     try:
         write_file(tmp, header, message)
         for box in boxes[1:]:
-            final = box / "new" / name
+            final = box + "/new/" + name
             os.link(tmp, final)
-            finals.append(str(final))
-        first = boxes[0] / "new" / name
+            finals.append(final)
+        first = boxes[0] + "/new/" + name
         os.rename(tmp, first)
-        finals.insert(0, str(first))
-        for box in boxes:
-            sync_dir(box / "new")
+        finals.insert(0, first)
     except BaseException:
         remove_quietly([*finals, tmp])
         raise

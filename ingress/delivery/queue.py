@@ -40,6 +40,18 @@ def dumps(env: dict) -> str:
 
 
 def enqueue(root: Path, queue_id: str, header: bytes, message, env: dict) -> list[str]:
+    """Write the entry durably (``.eml``, ``.json``, the queue folder fsynced); its paths."""
+    done = stage(root, queue_id, header, message, env)
+    try:
+        sync_dir(root)
+    except BaseException:
+        remove_quietly(done)
+        raise
+    return done
+
+
+def stage(root: Path, queue_id: str, header: bytes, message, env: dict) -> list[str]:
+    """:func:`enqueue` but for the fsync of *root*, which the caller owes."""
     tmpdir = root / "tmp"
     tmpdir.mkdir(parents=True, exist_ok=True)
     eml_tmp, json_tmp = tmpdir / f"{queue_id}.eml", tmpdir / f"{queue_id}.json"
@@ -57,7 +69,6 @@ def enqueue(root: Path, queue_id: str, header: bytes, message, env: dict) -> lis
         done.append(str(eml))
         os.rename(json_tmp, meta)
         done.append(str(meta))
-        sync_dir(root)
     except BaseException:
         remove_quietly(done + [str(eml_tmp), str(json_tmp)])
         raise

@@ -99,7 +99,7 @@ def test_every_250_comes_after_an_fsync_that_covered_the_message(ingress_inproce
     real = maildir.fsync_dir
 
     def recording_fsync(path):
-        present = set(os.listdir(path)) if path.name == "new" else set()
+        present = set(os.listdir(path)) if os.path.basename(path) == "new" else set()
         real(path)
         covered.update(present)
 

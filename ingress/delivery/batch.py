@@ -1,0 +1,141 @@
+"""Delivery batches: the messages of one event loop whose end of data is ready are stored
+together, in one hop to a worker thread. Private to the core.
+
+A batch writes each message's files and fsyncs their data one after the other, then fsyncs
+each directory it touched once for all of them (:func:`ingress.delivery.maildir.commit_group`).
+Each message's future is resolved only once its own files and directory entries are durable;
+a message that fails gets a ``451`` and leaves nothing behind, without failing the others.
+
+A few batches run at once, each in a thread (see :class:`DeliveryBatcher`); what becomes
+ready while they all run waits for one to finish and then goes as the next batch. Under load
+that is what fills the batches; when idle a message waits one turn of the loop at most.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import weakref
+from collections.abc import Callable
+
+from ingress.delivery import maildir
+from ingress.reply import Reply
+
+log = logging.getLogger("ingress.delivery")
+
+STORAGE_ERROR = Reply(451, "4.3.0", "Local storage error, try again later")
+
+# A stager writes one message's files (data fsynced) and returns (result, files, folders).
+Stager = Callable[[], "tuple[object, list[str], list[str]]"]
+Entry = tuple[Stager, str, asyncio.Future]  # a message: stager, queue id, its future
+
+
+class DeliveryBatcher:
+    """The delivery batches of one event loop, stored by threads of its own.
+
+    Up to :attr:`parallel` batches run at once, one per thread: a disk serves concurrent fsyncs
+    far better than the same fsyncs one after the other (measured on a virtio disk: 4 threads
+    stored 2 KB files 2.2 times as fast as one, 8 threads 4 times; with 16 busy sessions, 8
+    batches at once delivered 6-12 % more than 4 for the same CPU). What becomes ready while
+    all of them are busy waits and then goes together, so a busier server makes larger
+    batches. A thread takes its batch from a queue and hands the outcomes back with one
+    ``call_soon_threadsafe``; it ends after :attr:`IDLE_SECONDS` without work.
+    """
+
+    IDLE_SECONDS = 30.0
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, parallel: int = 8):
+        self._loop = loop
+        self.parallel = parallel
+        self._waiting: list[Entry] = []
+        self._running = 0  # batches handed to the threads and not finished yet
+        self._scheduled = False  # a launch is due at the next turn of the loop
+        # The threads get a batch's number and stagers; its entries stay with the loop.
+        self._batches: queue.SimpleQueue[tuple[int, list[Stager]]] = queue.SimpleQueue()
+        self._in_flight: dict[int, list[Entry]] = {}
+        self._numbers = itertools.count()
+        self._threads = 0
+        self._threads_lock = threading.Lock()  # the threads' coming and going
+
+    def submit(self, stager: Stager, queue_id: str) -> asyncio.Future:
+        """Store a message with the next batch: a future of the stager's result once the
+        message is durable, of :data:`STORAGE_ERROR` if an ``OSError`` failed it (logged with
+        *queue_id*), or of any other exception it raised."""
+        future = self._loop.create_future()
+        self._waiting.append((stager, queue_id, future))
+        if self._running < self.parallel and not self._scheduled:
+            # Messages completed in this same turn of the loop join the batch too.
+            self._scheduled = True
+            self._loop.call_soon(self._launch)
+        return future
+
+    def _launch(self) -> None:
+        self._scheduled = False
+        if self._running >= self.parallel or not self._waiting:
+            return
+        batch, self._waiting = self._waiting, []
+        self._running += 1
+        number = next(self._numbers)
+        self._in_flight[number] = batch
+        with self._threads_lock:
+            self._batches.put((number, [stager for stager, _, _ in batch]))
+            if self._threads < self._running:  # busy threads < running: one is free or coming
+                self._threads += 1
+                threading.Thread(target=self._store, name="ingress-delivery",
+                                 daemon=True).start()
+
+    def _store(self) -> None:
+        """A thread: store batches, hand each one's outcomes to the loop."""
+        while True:
+            try:
+                number, stagers = self._batches.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self._threads_lock:
+                    if self._batches.empty():
+                        self._threads -= 1
+                        return
+                continue
+            try:
+                outcomes: list = maildir.commit_group(stagers)
+            except BaseException as exc:  # commit_group hands errors back; this is a bug
+                outcomes = [exc] * len(stagers)
+            # Let go of the transactions before the loop hears of the outcome: the session may
+            # go on at once, and what a transaction holds (a catch-all place) goes with it.
+            del stagers
+            try:
+                self._loop.call_soon_threadsafe(self._finish, number, outcomes)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+            del outcomes
+
+    def _finish(self, number: int, outcomes: list) -> None:
+        self._running -= 1
+        batch = self._in_flight.pop(number)
+        for (_, queue_id, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():  # its session stopped waiting (hook timeout, shutdown)
+                continue
+            if isinstance(outcome, OSError):
+                log.error("queue id %s: storage failed: %s", queue_id, outcome)
+                future.set_result(STORAGE_ERROR)
+            elif isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+        if self._waiting:
+            self._launch()
+
+
+_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DeliveryBatcher] = (
+    weakref.WeakKeyDictionary())
+
+
+def for_loop() -> DeliveryBatcher:
+    """The batcher of the running event loop (made on first use)."""
+    loop = asyncio.get_running_loop()
+    batcher = _batchers.get(loop)
+    if batcher is None:
+        batcher = _batchers[loop] = DeliveryBatcher(loop)
+    return batcher

@@ -1,0 +1,211 @@
+"""Delivery batches: messages ready together share a thread hop and the directory fsyncs, and
+each one is still answered only once its own file and entry are durable."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import smtplib
+import threading
+
+import pytest
+
+from ingress.delivery import batch, maildir
+
+
+class Body:
+    def __init__(self, text: str):
+        self.data = f"Subject: {text}\r\n\r\nbody\r\n".encode()
+
+    def getvalue(self) -> bytes:
+        return self.data
+
+
+def stager(root, local: str, text: str):
+    def run():
+        finals, folders = maildir.stage(root, [("example.test", local)], b"", Body(text), "mx")
+        return finals, finals, folders
+    return run
+
+
+def record_fsyncs(monkeypatch) -> list[tuple[str, set[str]]]:
+    """Every directory fsync: (folder, the entries it held when the fsync started)."""
+    real = maildir.fsync_dir
+    fsyncs: list[tuple[str, set[str]]] = []
+
+    def recording(path):
+        fsyncs.append((os.fspath(path), set(os.listdir(path))))
+        real(path)
+
+    monkeypatch.setattr(maildir, "fsync_dir", recording)
+    return fsyncs
+
+
+def test_messages_ready_together_go_in_one_batch_and_are_all_durable(tmp_path, monkeypatch):
+    fsyncs = record_fsyncs(monkeypatch)
+    groups: list[int] = []
+    real_commit = maildir.commit_group
+
+    def counting(stagers):
+        groups.append(len(stagers))
+        return real_commit(stagers)
+
+    monkeypatch.setattr(maildir, "commit_group", counting)
+
+    async def main():
+        batcher = batch.DeliveryBatcher(asyncio.get_running_loop())
+        futures = [batcher.submit(stager(tmp_path, f"u{i % 2}", f"m{i}"), f"q{i}")
+                   for i in range(6)]
+        return await asyncio.gather(*futures)
+
+    results = asyncio.run(main())
+    assert groups == [6], "one thread hop for the six messages"
+    paths = [p for finals in results for p in finals]
+    assert sorted(paths) == sorted(str(p) for p in tmp_path.glob("example.test/*/new/*"))
+    new_fsyncs = [(folder, entries) for folder, entries in fsyncs if folder.endswith("/new")]
+    assert len(new_fsyncs) == 2, "one fsync per touched new/ folder for the whole batch"
+    for path in paths:
+        folder, name = os.path.split(path)
+        assert any(f == folder and name in entries for f, entries in new_fsyncs)
+
+
+def test_a_failing_message_gets_451_and_the_others_are_stored(tmp_path):
+    (tmp_path / "example.test" / "bad").mkdir(parents=True)
+    (tmp_path / "example.test" / "bad" / "tmp").write_text("a file where a folder should be")
+
+    def broken():
+        raise ValueError("a bug, not a storage error")
+
+    async def main():
+        batcher = batch.DeliveryBatcher(asyncio.get_running_loop())
+        futures = [batcher.submit(stager(tmp_path, "good", "one"), "q1"),
+                   batcher.submit(stager(tmp_path, "bad", "two"), "q2"),
+                   batcher.submit(broken, "q3"),
+                   batcher.submit(stager(tmp_path, "good", "three"), "q4")]
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    one, two, three, four = asyncio.run(main())
+    assert two is batch.STORAGE_ERROR and two.code == 451
+    assert isinstance(three, ValueError)
+    assert len(one) == len(four) == 1
+    assert sorted(p.name for p in (tmp_path / "example.test" / "good" / "new").iterdir()) == sorted(
+        os.path.basename(p) for p in (*one, *four))
+
+
+def test_a_failed_directory_fsync_fails_only_the_messages_in_that_folder(tmp_path, monkeypatch):
+    real = maildir.fsync_dir
+
+    def failing(path):
+        if os.fspath(path).endswith("/bad/new"):
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(maildir, "fsync_dir", failing)
+    outcomes = maildir.commit_group([stager(tmp_path, "good", "one"),
+                                     stager(tmp_path, "bad", "two")])
+    assert isinstance(outcomes[1], OSError) and outcomes[1].errno == 5
+    assert len(outcomes[0]) == 1 and os.path.exists(outcomes[0][0])
+    assert not list((tmp_path / "example.test" / "bad").glob("*/*")), "nothing left behind"
+
+
+CONFIG = {"directory": {"domains": ["example.test"], "users": [
+    {"address": f"u{i}@example.test", "password": "pw"} for i in range(3)] + [
+    {"address": "bad@example.test", "password": "pw"}]}}
+SESSIONS = 12
+MESSAGES = 6
+
+
+def test_concurrent_sessions_nothing_lost_or_duplicated_and_a_failure_stays_its_own(
+        ingress_inprocess_server, monkeypatch):
+    fsyncs = record_fsyncs(monkeypatch)
+    groups: list[int] = []
+    real_commit = maildir.commit_group
+
+    def counting(stagers):
+        groups.append(len(stagers))
+        return real_commit(stagers)
+
+    monkeypatch.setattr(maildir, "commit_group", counting)
+    server = ingress_inprocess_server(CONFIG)
+    bad = server.maildir / "example.test" / "bad"
+    bad.mkdir(parents=True)
+    (bad / "tmp").write_text("a file where a folder should be")
+    accepted: list[str] = []
+    refused: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def sender(i: int) -> None:
+        with smtplib.SMTP(server.host, server.port, timeout=30) as client:
+            for j in range(MESSAGES):
+                subject = f"m-{i}-{j}"
+                rcpt = "bad@example.test" if (i, j) == (0, 3) else f"u{(i + j) % 3}@example.test"
+                try:
+                    client.sendmail("s@example.org", [rcpt], f"Subject: {subject}\r\n\r\nx\r\n")
+                except smtplib.SMTPDataError as exc:
+                    with lock:
+                        refused.append((subject, exc.smtp_code))
+                    continue
+                with lock:
+                    accepted.append(subject)
+
+    threads = [threading.Thread(target=sender, args=(i,)) for i in range(SESSIONS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert refused == [("m-0-3", 451)]
+    assert len(accepted) == SESSIONS * MESSAGES - 1
+    stored = server.all_messages()
+    subjects = sorted(p.read_bytes().split(b"Subject: ")[1].split(b"\r\n")[0].decode()
+                      for p in stored)
+    assert subjects == sorted(accepted), "every 250 stored once, nothing else"
+    assert sum(groups) == SESSIONS * MESSAGES
+    for path in stored:  # each entry was in a new/ folder when an fsync of it started
+        folder, name = os.path.split(str(path))
+        assert any(f == folder and name in entries for f, entries in fsyncs)
+    assert not list(server.maildir.glob("*/*/tmp/*"))
+
+
+@pytest.mark.parametrize("quarantine", [False, True])
+def test_deliver_many_stores_each_request(tmp_path, quarantine):
+    requests = [(tmp_path, [("example.test", "a"), ("example.test", "b")], b"X: 1\r\n",
+                 Body(f"m{i}"), "mx", quarantine) for i in range(3)]
+    outcomes = maildir.deliver_many(requests)
+    folder = ".Quarantine/new" if quarantine else "new"
+    for finals in outcomes:
+        assert [p.split("/")[-3 if not quarantine else -4] for p in finals] == ["a", "b"]
+        assert all(f"/{folder}/" in p for p in finals)
+        with open(finals[1], "rb") as f:
+            assert f.read().startswith(b"X: 1\r\nSubject: m")
+
+
+def test_what_becomes_ready_while_every_batch_runs_goes_together_next(tmp_path, monkeypatch):
+    groups: list[int] = []
+    real_commit = maildir.commit_group
+
+    def counting(stagers):
+        groups.append(len(stagers))
+        return real_commit(stagers)
+
+    monkeypatch.setattr(maildir, "commit_group", counting)
+    release = threading.Event()
+
+    def slow():
+        release.wait(10)
+        return stager(tmp_path, "a", "first")()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        batcher = batch.DeliveryBatcher(loop, parallel=1)
+        first = batcher.submit(slow, "q0")
+        await asyncio.sleep(0.05)  # the first batch is in its thread, waiting
+        later = [batcher.submit(stager(tmp_path, "b", f"m{i}"), f"q{i + 1}") for i in range(3)]
+        await asyncio.sleep(0.05)
+        assert groups == [1], "nothing else starts while the only batch runs"
+        release.set()
+        return await asyncio.gather(first, *later)
+
+    results = asyncio.run(main())
+    assert groups == [1, 3]
+    assert all(len(finals) == 1 and os.path.exists(finals[0]) for finals in results)
