@@ -21,7 +21,7 @@ import threading
 import weakref
 from collections.abc import Callable
 
-from ingress.delivery import maildir
+from ingress.delivery.maildir import commit_group
 from ingress.reply import Reply
 
 log = logging.getLogger("ingress.delivery")
@@ -99,7 +99,7 @@ class DeliveryBatcher:
                         return
                 continue
             try:
-                outcomes: list = maildir.commit_group(stagers)
+                outcomes: list = commit_group(stagers)
             except BaseException as exc:  # commit_group hands errors back; this is a bug
                 outcomes = [exc] * len(stagers)
             # Let go of the transactions before the loop hears of the outcome: the session may

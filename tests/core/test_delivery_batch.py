@@ -50,7 +50,7 @@ def test_messages_ready_together_go_in_one_batch_and_are_all_durable(tmp_path, m
         groups.append(len(stagers))
         return real_commit(stagers)
 
-    monkeypatch.setattr(maildir, "commit_group", counting)
+    monkeypatch.setattr(batch, "commit_group", counting)
 
     async def main():
         batcher = batch.DeliveryBatcher(asyncio.get_running_loop())
@@ -125,7 +125,7 @@ def test_concurrent_sessions_nothing_lost_or_duplicated_and_a_failure_stays_its_
         groups.append(len(stagers))
         return real_commit(stagers)
 
-    monkeypatch.setattr(maildir, "commit_group", counting)
+    monkeypatch.setattr(batch, "commit_group", counting)
     server = ingress_inprocess_server(CONFIG)
     bad = server.maildir / "example.test" / "bad"
     bad.mkdir(parents=True)
@@ -188,7 +188,7 @@ def test_what_becomes_ready_while_every_batch_runs_goes_together_next(tmp_path, 
         groups.append(len(stagers))
         return real_commit(stagers)
 
-    monkeypatch.setattr(maildir, "commit_group", counting)
+    monkeypatch.setattr(batch, "commit_group", counting)
     release = threading.Event()
 
     def slow():
