@@ -76,7 +76,12 @@ class DeliveryBatcher:
         self._scheduled = False
         if self._running >= self.parallel or not self._waiting:
             return
-        batch, self._waiting = self._waiting, []
+        # A session that stopped waiting (hook timeout) has answered 451: storing its message
+        # now would make a copy the client sends again.
+        batch = [entry for entry in self._waiting if not entry[2].done()]
+        self._waiting = []
+        if not batch:
+            return
         self._running += 1
         number = next(self._numbers)
         self._in_flight[number] = batch
@@ -137,5 +142,7 @@ def for_loop() -> DeliveryBatcher:
     loop = asyncio.get_running_loop()
     batcher = _batchers.get(loop)
     if batcher is None:
+        for closed in [old for old in _batchers if old.is_closed()]:
+            del _batchers[closed]  # a batcher holds its loop: the weak key alone never goes
         batcher = _batchers[loop] = DeliveryBatcher(loop)
     return batcher

@@ -187,10 +187,12 @@ class MailboxCap:
         """Whether one more name fits: folders on disk plus held names not yet on disk. A held
         name whose message was delivered is on disk already while its transaction lives on a
         moment after the 250; only near the cap is it worth a stat per held name to see."""
-        on_disk = self.on_disk(folder)
-        if on_disk + len(held) < cap:
+        if self.on_disk(folder) + len(held) < cap:
             return True
-        return on_disk + sum(not os.path.isdir(os.path.join(folder, n)) for n in held) < cap
+        # Held names first, then the listing: a folder made in between counts twice (a 452
+        # too many), never zero times (a mailbox over the cap).
+        pending = sum(not os.path.isdir(os.path.join(folder, n)) for n in held)
+        return self.on_disk(folder) + pending < cap
 
     def _release(self, folder: str | Path, name: str) -> None:
         held = self._held[folder]

@@ -209,3 +209,28 @@ def test_what_becomes_ready_while_every_batch_runs_goes_together_next(tmp_path, 
     results = asyncio.run(main())
     assert groups == [1, 3]
     assert all(len(finals) == 1 and os.path.exists(finals[0]) for finals in results)
+
+
+def test_a_message_whose_session_stopped_waiting_is_not_stored_later(tmp_path):
+    # A session cut by the hook timeout has answered 451; its client will send the message
+    # again, so the batch that starts after the timeout must not store this copy.
+    release = threading.Event()
+
+    def slow():
+        release.wait(10)
+        return stager(tmp_path, "a", "first")()
+
+    async def main():
+        batcher = batch.DeliveryBatcher(asyncio.get_running_loop(), parallel=1)
+        first = batcher.submit(slow, "q0")
+        await asyncio.sleep(0.05)  # the only batch is in its thread, waiting for the disk
+        given_up = batcher.submit(stager(tmp_path, "b", "late"), "q1")
+        kept = batcher.submit(stager(tmp_path, "c", "kept"), "q2")
+        with pytest.raises((asyncio.TimeoutError, TimeoutError)):
+            await asyncio.wait_for(given_up, 0.05)
+        release.set()
+        return await asyncio.gather(first, kept)
+
+    first, kept = asyncio.run(main())
+    assert os.path.exists(first[0]) and os.path.exists(kept[0])
+    assert not (tmp_path / "example.test" / "b").exists()  # never staged, not even its folder
