@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ingress import hookimpl
-from ingress.testing import free_port
+from ingress.testing import eventually, free_port
 
 pytestmark = pytest.mark.skipif(
     shutil.which("dovecot") is None or os.geteuid() != 0
@@ -133,8 +133,12 @@ def test_dovecot_relays_to_ingress_with_bdat_byte_for_byte(ingress_inprocess_ser
             client.ehlo("client.test")
             client.login("someone", "any password")
             client.sendmail("s@submit.test", ["alice@example.test"], message)
-        log = dovecot.log()
-    assert "Successfully relayed message" in log, log
+        # Dovecot writes its log line a moment after it answered the client
+        try:
+            eventually(lambda: "Successfully relayed message" in dovecot.log(),
+                       what="dovecot's relay log line")
+        except AssertionError:
+            raise AssertionError(dovecot.log()) from None
     bdat = [arg for verb, arg in observer.seen if verb == "BDAT"]
     assert len(bdat) >= 2 and bdat[-1].endswith(" LAST"), observer.seen
     assert not [verb for verb, _ in observer.seen if verb == "DATA"], observer.seen
