@@ -138,3 +138,34 @@ def smtp_source(port: int, *, sessions: int, messages: int, size: int, to: str,
     counts = [c for c in done.stdout.decode().replace("\r", "\n").split() if c.isdigit()]
     return {"acked": int(counts[-1]) if counts else 0, "elapsed": elapsed,
             "returncode": done.returncode, "stderr": done.stderr.decode(errors="replace")[-300:]}
+
+
+def smtplib_rate(host: str, port: int, messages: list[bytes], clients: int, *, helo: str,
+                 sender: str, recipient: str) -> float:
+    """Messages per second for *messages* sent with smtplib over *clients* connections at once
+    (message i on connection i % clients); any failure raises."""
+    import smtplib
+
+    errors: list[BaseException] = []
+
+    def client(share: range) -> None:
+        try:
+            with smtplib.SMTP(host, port, timeout=30) as smtp:
+                smtp.ehlo(helo)
+                for n in share:
+                    smtp.sendmail(sender, [recipient], messages[n])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    count = len(messages)
+    threads = [threading.Thread(target=client, args=(range(i, count, clients),))
+               for i in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    elapsed = time.perf_counter() - started
+    if errors or any(t.is_alive() for t in threads):
+        raise RuntimeError(f"a client failed: {errors[:1]}")
+    return count / elapsed

@@ -19,17 +19,15 @@ ask the DNS server again (four to five queries: SPF, the key, the DMARC record).
 from __future__ import annotations
 
 import argparse
-import smtplib
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "contrib" / "ingress-mailauth" / "tests"))
 
 import dkim  # noqa: E402
+from common import smtplib_rate  # noqa: E402
 from conftest import Zone, rsa_key, serve, stop  # noqa: E402  (the tests' DNS server, reused)
 
 from ingress.testing import server_config, start_subprocess  # noqa: E402
@@ -57,29 +55,8 @@ def message(n: int, key) -> bytes:
 
 def run(server, messages: list[bytes], clients: int) -> float:
     """Messages per second for *messages* over *clients* connections."""
-    errors: list[BaseException] = []
-
-    def client(share: range):
-        try:
-            with smtplib.SMTP(server.host, server.port, timeout=30) as smtp:
-                smtp.ehlo("client.sender.test")
-                for n in share:
-                    smtp.sendmail("alice@sender.test", ["bob@example.test"], messages[n])
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    count = len(messages)
-    threads = [threading.Thread(target=client, args=(range(i, count, clients),))
-               for i in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
-    elapsed = time.perf_counter() - started
-    if errors or any(t.is_alive() for t in threads):
-        raise RuntimeError(f"a client failed: {errors[:1]}")
-    return count / elapsed
+    return smtplib_rate(server.host, server.port, messages, clients, helo="client.sender.test",
+                        sender="alice@sender.test", recipient="bob@example.test")
 
 
 def main() -> None:

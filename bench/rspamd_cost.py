@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import re
-import smtplib
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "contrib" / "ingress-rspamd" / "tests"))
 
+from common import smtplib_rate  # noqa: E402
 from conftest import Rspamd  # noqa: E402  (the tests' rspamd, reused)
 
 from ingress.testing import server_config, start_subprocess  # noqa: E402
@@ -92,28 +92,9 @@ class Instant:
 
 def run(server, count: int, clients: int) -> float:
     """Messages per second for *count* messages over *clients* connections."""
-    errors: list[BaseException] = []
-
-    def client(share: range):
-        try:
-            with smtplib.SMTP(server.host, server.port, timeout=30) as smtp:
-                smtp.ehlo("bench.example.org")
-                for n in share:
-                    smtp.sendmail("alice@example.org", ["bob@example.test"], message(n))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=client, args=(range(i, count, clients),))
-               for i in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
-    elapsed = time.perf_counter() - started
-    if errors or any(t.is_alive() for t in threads):
-        raise RuntimeError(f"a client failed: {errors[:1]}")
-    return count / elapsed
+    return smtplib_rate(server.host, server.port, [message(n) for n in range(count)], clients,
+                        helo="bench.example.org", sender="alice@example.org",
+                        recipient="bob@example.test")
 
 
 def main() -> None:
