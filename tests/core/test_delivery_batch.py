@@ -41,8 +41,8 @@ def record_fsyncs(monkeypatch) -> list[tuple[str, set[str]]]:
     return fsyncs
 
 
-def test_messages_ready_together_go_in_one_batch_and_are_all_durable(tmp_path, monkeypatch):
-    fsyncs = record_fsyncs(monkeypatch)
+def record_batches(monkeypatch) -> list[int]:
+    """The size of every batch stored, in order."""
     groups: list[int] = []
     real_commit = maildir.commit_group
 
@@ -51,6 +51,12 @@ def test_messages_ready_together_go_in_one_batch_and_are_all_durable(tmp_path, m
         return real_commit(stagers)
 
     monkeypatch.setattr(batch, "commit_group", counting)
+    return groups
+
+
+def test_messages_ready_together_go_in_one_batch_and_are_all_durable(tmp_path, monkeypatch):
+    fsyncs = record_fsyncs(monkeypatch)
+    groups = record_batches(monkeypatch)
 
     async def main():
         batcher = batch.DeliveryBatcher(asyncio.get_running_loop())
@@ -118,14 +124,7 @@ MESSAGES = 6
 def test_concurrent_sessions_nothing_lost_or_duplicated_and_a_failure_stays_its_own(
         ingress_inprocess_server, monkeypatch):
     fsyncs = record_fsyncs(monkeypatch)
-    groups: list[int] = []
-    real_commit = maildir.commit_group
-
-    def counting(stagers):
-        groups.append(len(stagers))
-        return real_commit(stagers)
-
-    monkeypatch.setattr(batch, "commit_group", counting)
+    groups = record_batches(monkeypatch)
     server = ingress_inprocess_server(CONFIG)
     bad = server.maildir / "example.test" / "bad"
     bad.mkdir(parents=True)
@@ -181,14 +180,7 @@ def test_deliver_many_stores_each_request(tmp_path, quarantine):
 
 
 def test_what_becomes_ready_while_every_batch_runs_goes_together_next(tmp_path, monkeypatch):
-    groups: list[int] = []
-    real_commit = maildir.commit_group
-
-    def counting(stagers):
-        groups.append(len(stagers))
-        return real_commit(stagers)
-
-    monkeypatch.setattr(batch, "commit_group", counting)
+    groups = record_batches(monkeypatch)
     release = threading.Event()
 
     def slow():
