@@ -280,20 +280,6 @@ def deliver(root: str | Path, mailboxes: list[tuple[str, str]], header: bytes, m
     return finals
 
 
-def deliver_many(requests: Sequence[tuple]) -> list[list[str] | BaseException]:
-    """:func:`deliver` for several messages at once, each request being its arguments: every
-    file is written and its data fsynced, then each touched ``new/`` folder is fsynced once for
-    all of them. Per request, its final paths or the exception that failed it (a failed one
-    leaves nothing behind and does not fail the others)."""
-    def staging(request: tuple):
-        def run():
-            finals, folders = stage(*request)
-            return finals, finals, folders
-        return run
-
-    return commit_group([staging(request) for request in requests])
-
-
 def commit_group(stagers: Sequence[Callable[[], tuple[T, list[str], list[str]]]]
                  ) -> list[T | BaseException]:
     """Run each of *stagers* (each writes its files with their data fsynced and returns

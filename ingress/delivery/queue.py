@@ -7,7 +7,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ingress.delivery.maildir import remove_quietly, sync_dir, write_file
+from ingress.delivery.maildir import remove_quietly, write_file
 
 
 def envelope(session, transaction, recipients, generated: bool = False) -> dict:
@@ -39,19 +39,9 @@ def dumps(env: dict) -> str:
     return json.dumps(env, indent=1, sort_keys=True)
 
 
-def enqueue(root: Path, queue_id: str, header: bytes, message, env: dict) -> list[str]:
-    """Write the entry durably (``.eml``, ``.json``, the queue folder fsynced); its paths."""
-    done = stage(root, queue_id, header, message, env)
-    try:
-        sync_dir(root)
-    except BaseException:
-        remove_quietly(done)
-        raise
-    return done
-
-
 def stage(root: Path, queue_id: str, header: bytes, message, env: dict) -> list[str]:
-    """:func:`enqueue` but for the fsync of *root*, which the caller owes."""
+    """Write the entry (``.eml``, then ``.json`` renamed into place last), each file's data
+    fsynced; its paths. The caller owes the fsync of *root* (``maildir.commit_group`` does it)."""
     tmpdir = root / "tmp"
     tmpdir.mkdir(parents=True, exist_ok=True)
     eml_tmp, json_tmp = tmpdir / f"{queue_id}.eml", tmpdir / f"{queue_id}.json"

@@ -167,10 +167,16 @@ def test_concurrent_sessions_nothing_lost_or_duplicated_and_a_failure_stays_its_
 
 
 @pytest.mark.parametrize("quarantine", [False, True])
-def test_deliver_many_stores_each_request(tmp_path, quarantine):
-    requests = [(tmp_path, [("example.test", "a"), ("example.test", "b")], b"X: 1\r\n",
-                 Body(f"m{i}"), "mx", quarantine) for i in range(3)]
-    outcomes = maildir.deliver_many(requests)
+def test_commit_group_stores_each_message(tmp_path, quarantine):
+    def staging(i: int):
+        def run():
+            boxes = [("example.test", "a"), ("example.test", "b")]
+            finals, folders = maildir.stage(tmp_path, boxes, b"X: 1\r\n", Body(f"m{i}"), "mx",
+                                            quarantine)
+            return finals, finals, folders
+        return run
+
+    outcomes = maildir.commit_group([staging(i) for i in range(3)])
     folder = ".Quarantine/new" if quarantine else "new"
     for finals in outcomes:
         assert [p.split("/")[-3 if not quarantine else -4] for p in finals] == ["a", "b"]
