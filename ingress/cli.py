@@ -8,12 +8,11 @@ import asyncio
 import getpass
 import json
 import logging
-import os
 import shutil
 import sys
 import time
 
-from ingress import __version__, manager
+from ingress import __version__, manager, process
 from ingress import config as config_mod
 from ingress.errors import IngressError
 
@@ -54,17 +53,6 @@ class BatchingHandler(logging.StreamHandler):
                     pass  # stderr gone: nothing sensible left to do with log lines
 
 
-_pid = os.getpid()  # for log lines: records carry no pid of their own (lean_log_records)
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)
-
-
 def lean_log_records() -> None:
     """Log records without what our formats never show: no caller lookup (a walk up the stack
     for file, line and function), no thread, process or task names, no ``getpid`` system call
@@ -85,7 +73,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         if record.process is None:
-            record.process = _pid
+            record.process = process.pid  # lean_log_records: records carry none
         return super().format(record)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
@@ -104,7 +92,7 @@ class JSONFormatter(logging.Formatter):
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "pid": _pid if record.process is None else record.process,
+            "pid": process.pid if record.process is None else record.process,
             "message": record.getMessage(),
         }
         for key, value in getattr(record, "fields", {}).items():  # logged with extra={"fields"}

@@ -10,12 +10,12 @@ from __future__ import annotations
 import functools
 import ipaddress
 import itertools
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ingress import process
 from ingress.directory import Directory
 
 if TYPE_CHECKING:
@@ -23,20 +23,11 @@ if TYPE_CHECKING:
     from ingress.state import Backend
 
 _ids = itertools.count(1)
-_PID = f"{os.getpid():x}"
-
-
-def _forked() -> None:
-    global _PID
-    _PID = f"{os.getpid():x}"
-
-
-os.register_at_fork(after_in_child=_forked)  # worker processes: ids stay unique
 
 
 def new_id() -> str:
     """A queue id, unique per host: microsecond time, process id and a counter."""
-    return f"{time.time_ns() // 1000:x}{_PID}{next(_ids):x}".upper()
+    return f"{time.time_ns() // 1000:x}{process.pid:x}{next(_ids):x}".upper()
 
 
 @dataclass

@@ -14,22 +14,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from ingress import addresses
+from ingress import addresses, process
 from ingress.directory import Directory
 
 T = TypeVar("T")
 
 _counter = itertools.count(1)
 _created: set[str] = set()  # mailboxes known to exist with tmp/new/cur
-_pid = os.getpid()  # in every file name; os.getpid() is a system call
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)  # worker processes: names stay unique
 
 
 def fold_safe(value: str) -> str:
@@ -211,7 +202,7 @@ def unique_name(hostname: str) -> str:
     if host is None:
         host = _name_hosts[hostname] = hostname.replace("/", "\\057").replace(":", "\\072")
     seconds, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
-    return f"{seconds}.M{nanoseconds // 1000}P{_pid}Q{next(_counter)}.{host}"
+    return f"{seconds}.M{nanoseconds // 1000}P{process.pid}Q{next(_counter)}.{host}"
 
 
 def write_all(fd: int, buffers: list) -> None:
