@@ -4,10 +4,12 @@
 Plugins may import :class:`Delivered`, :func:`may_relay`, :func:`may_create_mailbox`,
 :func:`store_generated` and :class:`Generated`.
 
-Durability: a message is written to ``tmp/``, fsynced, linked into each mailbox's ``new/``, and
-every touched directory is fsynced before ``deliver`` answers (messages that are ready together
-share one thread hop and one fsync per directory: :mod:`.batch`); the queue's ``.eml`` and ``.json``
-are both fsynced, the ``.json`` renamed into place last (its presence marks a complete entry). Any
+Durability: a message is written to ``tmp/``, its data made durable, linked into each mailbox's
+``new/``, and every touched directory is fsynced before ``deliver`` answers. Messages that are
+ready together share one thread hop, one flush of their data per file system (``syncfs``; with
+``delivery.sync = "file"``, or where the kernel cannot report write-back errors that way, an
+fsync per file) and one fsync per directory: :mod:`.batch`. The queue's ``.eml`` and ``.json``
+likewise, the ``.json`` renamed into place last (its presence marks a complete entry). Any
 failure removes what was written and answers ``451 4.3.0``, so nothing half-written remains and
 the client retries.
 """
@@ -87,7 +89,8 @@ def store_mailboxes(session, transaction, message, mailboxes) -> list[str]:
     config = session.config
     return maildir.deliver(Path(config.data["delivery"]["maildir"]), mailboxes,
                            trace_headers(transaction, True), message, config.hostname,
-                           transaction.quarantined is not None)
+                           transaction.quarantined is not None,
+                           config.data["delivery"]["sync"] == "batch")
 
 
 def remove(paths) -> None:
@@ -136,36 +139,35 @@ def store(session, transaction, message, *, generated: bool = False) -> Delivere
 
     *generated*: the message was written by this server (a DSN), not received from the client.
     """
-    outcome = maildir.commit_group([lambda: stage(session, transaction, message, generated)])[0]
+    outcome = maildir.commit_group(
+        [lambda commit: stage(session, transaction, message, commit, generated)])[0]
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
 
 
-def stage(session, transaction, message, generated: bool = False
+def stage(session, transaction, message, commit: maildir.Commit, generated: bool = False
           ) -> tuple[Delivered, list[str], list[str]]:
-    """Blocking: :func:`store` but for the directory fsyncs: ``(what was delivered, files
-    written, folders whose entries must still be fsynced)``; the files' data is durable.
-    Undoes everything on failure."""
+    """Blocking: write the message's files through *commit* (``maildir.commit_group`` makes
+    them durable and publishes them): ``(what was delivered, final paths, folders whose entries
+    must be fsynced)``."""
     config = session.config
     mailboxes, relay = plan(session, transaction)
+    batch = config.data["delivery"]["sync"] == "batch"
     written: list[str] = []
     folders: list[str] = []
-    try:
-        if mailboxes:
-            finals, boxes = maildir.stage(config.data["delivery"]["maildir"], mailboxes,
-                                          trace_headers(transaction, True), message,
-                                          config.hostname, transaction.quarantined is not None)
-            written += finals
-            folders += boxes
-        if relay:
-            root = Path(config.data["delivery"]["queue"])
-            written += queue.stage(root, transaction.id, trace_headers(transaction, False),
-                                   message, queue.envelope(session, transaction, relay, generated))
-            folders.append(str(root))
-    except BaseException:
-        maildir.remove_quietly(written)
-        raise
+    if mailboxes:
+        finals, boxes = maildir.stage(commit, config.data["delivery"]["maildir"], mailboxes,
+                                      trace_headers(transaction, True), message,
+                                      config.hostname, transaction.quarantined is not None, batch)
+        written += finals
+        folders += boxes
+    if relay:
+        root = Path(config.data["delivery"]["queue"])
+        written += queue.stage(commit, root, transaction.id, trace_headers(transaction, False),
+                               message, queue.envelope(session, transaction, relay, generated),
+                               batch)
+        folders.append(str(root))
     delivered = Delivered(
         transaction.id,
         tuple(f"{local}@{domain}" for domain, local in mailboxes),

@@ -1,8 +1,9 @@
 """Delivery batches: the messages of one event loop whose end of data is ready are stored
 together, in one hop to a worker thread. Private to the core.
 
-A batch writes each message's files and fsyncs their data one after the other, then fsyncs
-each directory it touched once for all of them (:func:`ingress.delivery.maildir.commit_group`).
+A batch writes each message's files, makes their data durable (one flush per file system for
+all of them), publishes them into place, then fsyncs each directory it touched once for all of
+them (:func:`ingress.delivery.maildir.commit_group`).
 Each message's future is resolved only once its own files and directory entries are durable;
 a message that fails gets a ``451`` and leaves nothing behind, without failing the others.
 
@@ -21,15 +22,16 @@ import threading
 import weakref
 from collections.abc import Callable
 
-from ingress.delivery.maildir import commit_group
+from ingress.delivery.maildir import Commit, commit_group
 from ingress.reply import Reply
 
 log = logging.getLogger("ingress.delivery")
 
 STORAGE_ERROR = Reply(451, "4.3.0", "Local storage error, try again later")
 
-# A stager writes one message's files (data fsynced) and returns (result, files, folders).
-Stager = Callable[[], "tuple[object, list[str], list[str]]"]
+# A stager writes one message's files through the batch's Commit and returns
+# (result, final paths, folders).
+Stager = Callable[[Commit], "tuple[object, list[str], list[str]]"]
 Entry = tuple[Stager, str, asyncio.Future]  # a message: stager, queue id, its future
 
 

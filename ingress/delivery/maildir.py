@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import collections
+import ctypes
 import errno
 import itertools
 import os
 import re
+import sys
 import threading
 import time
 import weakref
@@ -37,28 +39,37 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-class DirectorySync:
-    """Group commit of one directory's fsync across the threads that deliver concurrently.
+class GroupSync:
+    """One flush at a time, shared by every caller waiting for it (group commit).
 
-    A caller's change (a link into ``new/``) is durable once an fsync of the directory that
-    *started after* the change has finished. So a caller that finds an fsync running waits for
-    it to end and then shares the next one with everyone else who arrived meanwhile: N
-    concurrent deliveries into one folder cost about two directory fsyncs, not N, and each
-    caller still returns only once its own entry is on disk (or raises that fsync's error).
+    A caller's change is durable once a flush that *started after* the change has finished. So
+    a caller that finds a flush running waits for it to end and then shares the next one with
+    everyone else who arrived meanwhile: N concurrent callers cost about two flushes, not N.
+    :meth:`sync` raises if any flush numbered above the caller's *mark* failed (taken with
+    :meth:`mark` before the change; by default when :meth:`sync` is called): a flush that
+    failed may have been the one that wrote the change.
     """
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, name: str):
+        self.name = name
         self._cond = threading.Condition()
-        self._started = 0  # number of the last fsync started
-        self._done = 0  # number of the last fsync finished
+        self._started = 0  # number of the last flush started
+        self._done = 0  # number of the last flush finished
         self._running = False
-        self._errors: dict[int, OSError] = {}  # failed fsyncs by number (kept briefly)
-        self.users = 0  # threads inside sync_dir() for this directory
+        self._failures: collections.deque[tuple[int, OSError]] = collections.deque(maxlen=64)
 
-    def sync(self) -> None:
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def mark(self) -> int:
         with self._cond:
-            mine = self._started + 1  # the first fsync to start from now on covers my change
+            return self._done
+
+    def sync(self, mark: int | None = None) -> None:
+        with self._cond:
+            if mark is None:
+                mark = self._done
+            mine = self._started + 1  # the first flush to start from now on covers my change
             while self._done < mine:
                 if self._running:
                     self._cond.wait()
@@ -69,7 +80,7 @@ class DirectorySync:
                 error = None
                 self._cond.release()
                 try:
-                    fsync_dir(self.path)
+                    self.flush()
                 except OSError as exc:
                     error = exc
                 finally:
@@ -77,12 +88,24 @@ class DirectorySync:
                     self._running = False
                     self._done = number
                     if error is not None:
-                        self._errors[number] = error
-                    self._errors.pop(number - 64, None)
+                        self._failures.append((number, error))
                     self._cond.notify_all()
-            error = self._errors.get(mine)
+            # Any failure after the mark counts; the deque drops only older ones.
+            error = next((e for n, e in self._failures if n > mark), None)
         if error is not None:
-            raise OSError(error.errno, f"fsync of {self.path} failed: {error.strerror}")
+            raise OSError(error.errno, f"{self.name} failed: {error.strerror}")
+
+
+class DirectorySync(GroupSync):
+    """Group commit of one directory's fsync across the threads that deliver concurrently."""
+
+    def __init__(self, path: str):
+        super().__init__(f"fsync of {path}")
+        self.path = path
+        self.users = 0  # threads inside sync_dir() for this directory
+
+    def flush(self) -> None:
+        fsync_dir(self.path)
 
 
 _syncs: dict[str, DirectorySync] = {}  # only directories being synced now
@@ -90,7 +113,7 @@ _syncs_lock = threading.Lock()
 
 
 def sync_dir(path: str | Path) -> None:
-    """fsync *path*, sharing the fsync with concurrent callers (see :class:`DirectorySync`)."""
+    """fsync *path*, sharing the fsync with concurrent callers (see :class:`GroupSync`)."""
     path = os.fspath(path)
     with _syncs_lock:
         syncer = _syncs.get(path)
@@ -104,6 +127,119 @@ def sync_dir(path: str | Path) -> None:
             syncer.users -= 1
             if not syncer.users:
                 del _syncs[path]
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """libc's ``syncfs`` where it reports write-back errors (Linux 5.8 and later), else None.
+
+    Python has no binding for it (``os.sync`` flushes every file system), hence ctypes."""
+    version = re.match(r"(\d+)\.(\d+)", os.uname().release) if sys.platform == "linux" else None
+    if version is None or (int(version[1]), int(version[2])) < (5, 8):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_syncfs = _load_syncfs()
+FILE_SYSTEM_FLUSH = _syncfs is not None  # else every file's data is fsynced on its own
+
+
+def syncfs(fd: int) -> None:
+    """Flush the file system holding *fd*; raise its write-back errors since the last call."""
+    if _syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+class FileSystemSync(GroupSync):
+    """Group commit of file data on one file system: one ``syncfs`` makes the data of every
+    file written on it before the call durable, in one pass of write-back and one cache flush,
+    instead of a write-back and a flush per file. Write-back errors reach a ``syncfs`` through
+    its descriptor (opened once, before the first file it covers was written); each is counted
+    against every caller whose mark precedes it."""
+
+    def __init__(self, folder: str):
+        super().__init__(f"flush of the file system of {folder}")
+        self.fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def flush(self) -> None:
+        syncfs(self.fd)
+
+
+_file_systems: dict[int, FileSystemSync] = {}  # by device, this process's own descriptors
+_devices: dict[str, int] = {}  # folder -> device
+_file_systems_lock = threading.Lock()
+
+
+def file_system_of(folder: str) -> FileSystemSync:
+    device = _devices.get(folder)
+    if device is None:
+        device = _devices[folder] = os.stat(folder).st_dev
+    syncer = _file_systems.get(device)
+    if syncer is None:
+        with _file_systems_lock:
+            syncer = _file_systems.get(device)
+            if syncer is None:
+                syncer = _file_systems[device] = FileSystemSync(folder)
+    return syncer
+
+
+def _forget_file_systems() -> None:
+    """After fork: write-back errors are counted per open file, so a worker process must not
+    share its parent's descriptors (one process would see an error and the other not)."""
+    for syncer in _file_systems.values():
+        os.close(syncer.fd)
+    _file_systems.clear()
+
+
+os.register_at_fork(after_in_child=_forget_file_systems)
+
+
+class _Work:
+    """One stager's share of a :class:`Commit`."""
+
+    __slots__ = ("temporary", "steps", "file_systems", "files", "touched")
+
+    def __init__(self) -> None:
+        self.temporary: list[str] = []  # files written, to remove if it fails
+        self.steps: list[Callable[[], None]] = []  # what publishes them, run in order
+        self.file_systems: set[FileSystemSync] = set()
+        self.files: list[str] = []
+        self.touched: list[str] = []
+
+
+class Commit:
+    """The durability work of one delivery batch (see :func:`commit_group`). A stager writes
+    its files with :meth:`write` and hands what makes them visible (renames into ``new/``,
+    links) to :meth:`publish`: those steps run only once the data of every file the stager
+    wrote is durable, so a crash never leaves a published file without its content."""
+
+    def __init__(self) -> None:
+        self.marks: dict[FileSystemSync, int] = {}
+        self.work = _Work()
+
+    def write(self, path: str, header: bytes, message=None, *, batch: bool = True) -> None:
+        """Create *path* with *header* and the message (None: the header alone). *batch*:
+        its data is made durable with the batch's other files (one flush per file system),
+        where the kernel reports write-back errors that way; else fsynced here."""
+        path = os.fspath(path)
+        self.work.temporary.append(path)
+        if batch and FILE_SYSTEM_FLUSH:
+            syncer = file_system_of(os.path.dirname(path))
+            if syncer not in self.marks:
+                self.marks[syncer] = syncer.mark()
+            self.work.file_systems.add(syncer)
+            write_file(path, header, message, sync=False)
+        else:
+            write_file(path, header, message)
+
+    def publish(self, step: Callable[[], None]) -> None:
+        self.work.steps.append(step)
 
 
 def ensure_maildir(box: str) -> None:
@@ -218,19 +354,21 @@ def write_all(fd: int, buffers: list) -> None:
             view = view[os.write(fd, view):]
 
 
-def write_file(path: str | Path, header: bytes, message) -> None:
-    """Create *path* with *header* and the message, and fsync it. Plain descriptor calls: this
-    runs in a worker thread for every message, and each call there is a turn at the GIL."""
+def write_file(path: str | Path, header: bytes, message=None, sync: bool = True) -> None:
+    """Create *path* with *header* and the message (None: the header alone), and fsync it
+    (*sync*). Plain descriptor calls: this runs in a worker thread for every message, and each
+    call there is a turn at the GIL."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        data = message.getvalue()
+        data = b"" if message is None else message.getvalue()
         if data is not None:
             write_all(fd, [header, data])
         else:
             write_all(fd, [header])
             for chunk in message.chunks(1 << 20):
                 write_all(fd, [chunk])
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -257,92 +395,122 @@ QUARANTINE = ".Quarantine"  # the Maildir++ folder "Quarantine" of a mailbox
 
 
 def deliver(root: str | Path, mailboxes: list[tuple[str, str]], header: bytes, message,
-            hostname: str, quarantine: bool = False) -> list[str]:
-    """Write one copy into the first mailbox's ``tmp/``, hard-link it into the other mailboxes'
-    ``new/``, rename it into the first one's ``new/``, fsync those ``new/`` folders; return the
-    final paths. *quarantine*: into each mailbox's ``Quarantine`` folder instead."""
-    finals, folders = stage(root, mailboxes, header, message, hostname, quarantine)
-    try:
-        for folder in folders:
-            sync_dir(folder)
-    except BaseException:
-        remove_quietly(finals)
-        raise
-    return finals
+            hostname: str, quarantine: bool = False, batch: bool = True) -> list[str]:
+    """Write one copy into the first mailbox's ``tmp/``, make its data durable, hard-link it
+    into the other mailboxes' ``new/``, rename it into the first one's ``new/``, fsync those
+    ``new/`` folders; return the final paths. *quarantine*: into each mailbox's ``Quarantine``
+    folder instead. *batch*: see :meth:`Commit.write`."""
+    def stager(commit: Commit):
+        finals, folders = stage(commit, root, mailboxes, header, message, hostname, quarantine,
+                                batch)
+        return finals, finals, folders
+
+    outcome = commit_group([stager])[0]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
-def commit_group(stagers: Sequence[Callable[[], tuple[T, list[str], list[str]]]]
+def commit_group(stagers: Sequence[Callable[[Commit], tuple[T, list[str], list[str]]]]
                  ) -> list[T | BaseException]:
-    """Run each of *stagers* (each writes its files with their data fsynced and returns
-    ``(result, files written, folders whose entries must be fsynced)``), then fsync every folder
-    they named once, through :func:`sync_dir`. Per stager: its result once all of its folders are
-    durable, or the exception that failed it, after its files were removed. One failure fails
-    only the stagers concerned."""
+    """Store a batch. Each of *stagers* writes its files through the :class:`Commit` it is
+    given and returns ``(result, final paths, folders whose entries must be fsynced)``. Then:
+    the data of every file is made durable (one flush per file system, or fsync per file), each
+    stager's files are published (renamed or linked into place), and every folder named is
+    fsynced once, through :func:`sync_dir`. Per stager: its result once all of that is done for
+    its files, or the exception that failed it, after its files were removed. One failure
+    fails only the stagers concerned."""
+    commit = Commit()
     outcomes: list[T | BaseException] = []
-    written: list[tuple[list[str], list[str]]] = []
-    folders: dict[str, OSError | None] = {}
+    works: list[_Work | None] = []
     for stager in stagers:
+        work = commit.work = _Work()
         try:
-            result, files, touched = stager()
+            result, work.files, work.touched = stager(commit)
         except BaseException as exc:  # handed to that message's session
+            remove_quietly(work.temporary)
             outcomes.append(exc)
-            written.append(([], []))
+            works.append(None)
             continue
         outcomes.append(result)
-        written.append((files, touched))
-        for folder in touched:
+        works.append(work)
+    flushed: dict[FileSystemSync, OSError | None] = {}
+    for syncer, mark in commit.marks.items():
+        try:
+            syncer.sync(mark)
+            flushed[syncer] = None
+        except OSError as exc:
+            flushed[syncer] = exc
+    folders: dict[str, OSError | None] = {}
+    for i, work in enumerate(works):
+        if work is None:
+            continue
+        error = next((flushed[f] for f in work.file_systems if flushed[f] is not None), None)
+        if error is None:
+            try:
+                for step in work.steps:
+                    step()
+            except BaseException as exc:
+                error = exc
+        if error is not None:
+            remove_quietly([*work.files, *work.temporary])
+            outcomes[i] = error
+            works[i] = None
+            continue
+        for folder in work.touched:
             folders[folder] = None
     for folder in folders:
         try:
             sync_dir(folder)
         except OSError as exc:
             folders[folder] = exc
-    for i, (files, touched) in enumerate(written):
-        error = next((folders[f] for f in touched if folders[f] is not None), None)
+    for i, work in enumerate(works):
+        if work is None:
+            continue
+        error = next((folders[f] for f in work.touched if folders[f] is not None), None)
         if error is not None:
-            remove_quietly(files)
+            remove_quietly(work.files)
             outcomes[i] = error
     return outcomes
 
 
-def stage(root: str | Path, mailboxes: list[tuple[str, str]], header: bytes, message,
-          hostname: str, quarantine: bool = False) -> tuple[list[str], list[str]]:
-    """:func:`deliver` but for the directory fsyncs: the final paths (the file's data is
-    durable) and the ``new/`` folders whose entries the caller must still fsync."""
+def stage(commit: Commit, root: str | Path, mailboxes: list[tuple[str, str]], header: bytes,
+          message, hostname: str, quarantine: bool = False, batch: bool = True
+          ) -> tuple[list[str], list[str]]:
+    """Write the message for *mailboxes* through *commit* (see :func:`place`): the final paths
+    and the ``new/`` folders whose entries must be fsynced once it is published."""
     boxes = [mailbox_path(root, domain, local) for domain, local in mailboxes]
     if quarantine:
         boxes = [box + "/" + QUARANTINE for box in boxes]
     for box in boxes:
         ensure_maildir(box)
     try:
-        finals = place(boxes, header, message, hostname)
+        finals = place(commit, boxes, header, message, hostname, batch)
     except FileNotFoundError:
         # A mailbox removed while we run (by hand, by a cleanup job): make it again, once.
         for box in boxes:
             _created.discard(box)
+            _devices.pop(box + "/tmp", None)
             ensure_maildir(box)
-        finals = place(boxes, header, message, hostname)
+        finals = place(commit, boxes, header, message, hostname, batch)
     return finals, [box + "/new" for box in boxes]
 
 
-def place(boxes: list[str], header: bytes, message, hostname: str) -> list[str]:
-    """Write the file in the first box's ``tmp/`` with its data fsynced, link it into the other
-    boxes' ``new/`` and rename it into the first one's; nothing is left on failure."""
+def place(commit: Commit, boxes: list[str], header: bytes, message, hostname: str,
+          batch: bool = True) -> list[str]:
+    """Write the file in the first box's ``tmp/``; once its data is durable, link it into the
+    other boxes' ``new/`` and rename it into the first one's. The final paths."""
     name = unique_name(hostname)
     tmp = boxes[0] + "/tmp/" + name
-    finals: list[str] = []
-    try:
-        write_file(tmp, header, message)
-        for box in boxes[1:]:
-            final = box + "/new/" + name
+    finals = [box + "/new/" + name for box in boxes]
+    commit.write(tmp, header, message, batch=batch)
+
+    def publish() -> None:
+        for final in finals[1:]:
             os.link(tmp, final)
-            finals.append(final)
-        first = boxes[0] + "/new/" + name
-        os.rename(tmp, first)
-        finals.insert(0, first)
-    except BaseException:
-        remove_quietly([*finals, tmp])
-        raise
+        os.rename(tmp, finals[0])
+
+    commit.publish(publish)
     return finals
 
 

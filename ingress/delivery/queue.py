@@ -7,7 +7,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ingress.delivery.maildir import remove_quietly, write_file
+from ingress.delivery.maildir import Commit
 
 
 def envelope(session, transaction, recipients, generated: bool = False) -> dict:
@@ -39,30 +39,24 @@ def dumps(env: dict) -> str:
     return json.dumps(env, indent=1, sort_keys=True)
 
 
-def stage(root: Path, queue_id: str, header: bytes, message, env: dict) -> list[str]:
-    """Write the entry (``.eml``, then ``.json`` renamed into place last), each file's data
-    fsynced; its paths. The caller owes the fsync of *root* (``maildir.commit_group`` does it)."""
+def stage(commit: Commit, root: Path, queue_id: str, header: bytes, message, env: dict,
+          batch: bool = True) -> list[str]:
+    """Write the entry's ``.eml`` and ``.json`` in ``tmp/`` through *commit*; once their data
+    is durable they are renamed into place, the ``.json`` last (its presence marks a complete
+    entry). The final paths; the caller owes the fsync of *root* (``commit_group`` does it)."""
     tmpdir = root / "tmp"
     tmpdir.mkdir(parents=True, exist_ok=True)
-    eml_tmp, json_tmp = tmpdir / f"{queue_id}.eml", tmpdir / f"{queue_id}.json"
-    eml, meta = root / f"{queue_id}.eml", root / f"{queue_id}.json"
-    done: list[str] = []
-    try:
-        write_file(eml_tmp, header, message)
-        fd = os.open(json_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, dumps(env).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    eml_tmp, json_tmp = str(tmpdir / f"{queue_id}.eml"), str(tmpdir / f"{queue_id}.json")
+    eml, meta = str(root / f"{queue_id}.eml"), str(root / f"{queue_id}.json")
+    commit.write(eml_tmp, header, message, batch=batch)
+    commit.write(json_tmp, dumps(env).encode(), batch=batch)
+
+    def publish() -> None:
         os.rename(eml_tmp, eml)
-        done.append(str(eml))
         os.rename(json_tmp, meta)
-        done.append(str(meta))
-    except BaseException:
-        remove_quietly(done + [str(eml_tmp), str(json_tmp)])
-        raise
-    return done
+
+    commit.publish(publish)
+    return [eml, meta]
 
 
 def remove_leftovers(root: Path) -> tuple[int, int]:

@@ -22,8 +22,9 @@ class Body:
 
 
 def stager(root, local: str, text: str):
-    def run():
-        finals, folders = maildir.stage(root, [("example.test", local)], b"", Body(text), "mx")
+    def run(commit):
+        finals, folders = maildir.stage(commit, root, [("example.test", local)], b"", Body(text),
+                                        "mx")
         return finals, finals, folders
     return run
 
@@ -79,7 +80,7 @@ def test_a_failing_message_gets_451_and_the_others_are_stored(tmp_path):
     (tmp_path / "example.test" / "bad").mkdir(parents=True)
     (tmp_path / "example.test" / "bad" / "tmp").write_text("a file where a folder should be")
 
-    def broken():
+    def broken(commit):
         raise ValueError("a bug, not a storage error")
 
     async def main():
@@ -169,10 +170,10 @@ def test_concurrent_sessions_nothing_lost_or_duplicated_and_a_failure_stays_its_
 @pytest.mark.parametrize("quarantine", [False, True])
 def test_commit_group_stores_each_message(tmp_path, quarantine):
     def staging(i: int):
-        def run():
+        def run(commit):
             boxes = [("example.test", "a"), ("example.test", "b")]
-            finals, folders = maildir.stage(tmp_path, boxes, b"X: 1\r\n", Body(f"m{i}"), "mx",
-                                            quarantine)
+            finals, folders = maildir.stage(commit, tmp_path, boxes, b"X: 1\r\n", Body(f"m{i}"),
+                                            "mx", quarantine)
             return finals, finals, folders
         return run
 
@@ -189,9 +190,9 @@ def test_what_becomes_ready_while_every_batch_runs_goes_together_next(tmp_path, 
     groups = record_batches(monkeypatch)
     release = threading.Event()
 
-    def slow():
+    def slow(commit):
         release.wait(10)
-        return stager(tmp_path, "a", "first")()
+        return stager(tmp_path, "a", "first")(commit)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -214,9 +215,9 @@ def test_a_message_whose_session_stopped_waiting_is_not_stored_later(tmp_path):
     # again, so the batch that starts after the timeout must not store this copy.
     release = threading.Event()
 
-    def slow():
+    def slow(commit):
         release.wait(10)
-        return stager(tmp_path, "a", "first")()
+        return stager(tmp_path, "a", "first")(commit)
 
     async def main():
         batcher = batch.DeliveryBatcher(asyncio.get_running_loop(), parallel=1)
@@ -232,3 +233,4 @@ def test_a_message_whose_session_stopped_waiting_is_not_stored_later(tmp_path):
     first, kept = asyncio.run(main())
     assert os.path.exists(first[0]) and os.path.exists(kept[0])
     assert not (tmp_path / "example.test" / "b").exists()  # never staged, not even its folder
+

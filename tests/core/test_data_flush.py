@@ -1,0 +1,125 @@
+"""Group commit of file data: a batch's files are made durable by one flush of their file
+system (``syncfs``) before any of them is renamed into ``new/``; a failed flush fails every
+message whose data it may have carried; ``delivery.sync = "file"`` fsyncs each file instead."""
+
+from __future__ import annotations
+
+import smtplib
+
+import pytest
+
+from ingress.delivery import maildir
+
+needs_syncfs = pytest.mark.skipif(not maildir.FILE_SYSTEM_FLUSH,
+                                  reason="syncfs reports write-back errors on Linux 5.8+ only")
+
+
+class Body:
+    def __init__(self, text: str):
+        self.data = f"Subject: {text}\r\n\r\nbody\r\n".encode()
+
+    def getvalue(self) -> bytes:
+        return self.data
+
+
+def stager(root, local: str, text: str, batch: bool = True):
+    def run(commit):
+        finals, folders = maildir.stage(commit, root, [("example.test", local)], b"", Body(text),
+                                        "mx", batch=batch)
+        return finals, finals, folders
+    return run
+
+
+def names(root, folder: str) -> list[str]:
+    return sorted(p.name for p in root.glob(f"example.test/*/{folder}/*"))
+
+
+def record_flushes(monkeypatch, root) -> list[tuple[list[str], list[str]]]:
+    """Every file system flush: (files in new/, files in tmp/) when it started."""
+    real = maildir.syncfs
+    flushes: list[tuple[list[str], list[str]]] = []
+
+    def recording(fd):
+        flushes.append((names(root, "new"), names(root, "tmp")))
+        real(fd)
+
+    monkeypatch.setattr(maildir, "syncfs", recording)
+    return flushes
+
+
+@needs_syncfs
+def test_a_batch_flushes_its_data_once_and_publishes_nothing_before(tmp_path, monkeypatch):
+    flushes = record_flushes(monkeypatch, tmp_path)
+    outcomes = maildir.commit_group([stager(tmp_path, f"u{i % 2}", f"m{i}") for i in range(6)])
+    assert len(flushes) == 1, "one flush for the six files"
+    new, tmp = flushes[0]
+    assert new == [] and len(tmp) == 6, "every file still in tmp/ while its data is flushed"
+    finals = sorted(p for finals in outcomes for p in finals)
+    assert finals == sorted(str(p) for p in tmp_path.glob("example.test/*/new/*"))
+    assert names(tmp_path, "tmp") == []
+
+
+@needs_syncfs
+def test_a_failed_flush_fails_the_batch_and_leaves_nothing(tmp_path, monkeypatch):
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(maildir, "syncfs", failing)
+    outcomes = maildir.commit_group([stager(tmp_path, "a", f"m{i}") for i in range(3)])
+    assert all(isinstance(o, OSError) and o.errno == 5 for o in outcomes)
+    assert names(tmp_path, "new") == [] and names(tmp_path, "tmp") == []
+    monkeypatch.undo()
+    [finals] = maildir.commit_group([stager(tmp_path, "a", "later")])
+    assert names(tmp_path, "new") == [finals[0].rsplit("/", 1)[1]], "written after it: stored"
+
+
+def test_a_failure_counts_against_every_caller_who_wrote_before_it_was_seen():
+    class Flaky(maildir.GroupSync):
+        def __init__(self):
+            super().__init__("flush of a test")
+            self.failing: list[bool] = []
+
+        def flush(self):
+            if self.failing.pop(0):
+                raise OSError(5, "Input/output error")
+
+    syncer = Flaky()
+    mark = syncer.mark()  # a caller writes its data after this
+    syncer.failing = [True, False]
+    with pytest.raises(OSError, match="flush of a test failed"):
+        syncer.sync()  # someone else's flush fails: it may have carried the caller's data
+    with pytest.raises(OSError):
+        syncer.sync(mark)  # so the caller fails, though its own flush went well
+    later = syncer.mark()
+    syncer.failing = [False]
+    syncer.sync(later)  # data written after the failure was seen is fine
+
+
+def test_file_mode_fsyncs_each_file_and_never_flushes_the_file_system(tmp_path, monkeypatch):
+    flushes = record_flushes(monkeypatch, tmp_path)
+    outcomes = maildir.commit_group([stager(tmp_path, "a", f"m{i}", batch=False)
+                                     for i in range(3)])
+    assert flushes == []
+    assert sorted(p for finals in outcomes for p in finals) == sorted(
+        str(p) for p in tmp_path.glob("example.test/a/new/*"))
+
+
+@needs_syncfs
+@pytest.mark.parametrize("sync, flushed", [(None, True), ("batch", True), ("file", False)])
+def test_the_server_follows_delivery_sync(ingress_inprocess_server, monkeypatch, tmp_path,
+                                          sync, flushed):
+    flushes = record_flushes(monkeypatch, tmp_path / "server" / "mail")
+    config = {"directory": {"domains": ["example.test"],
+                            "users": [{"address": "a@example.test", "password": "pw"}]},
+              "plugins": {"relay": {"whitelist": ["127.0.0.1"]}}}
+    if sync is not None:
+        config["delivery"] = {"sync": sync}
+    server = ingress_inprocess_server(config)
+    with smtplib.SMTP(server.host, server.port, timeout=30) as client:
+        for i in range(3):
+            client.sendmail("s@example.org", ["a@example.test", "b@example.org"],
+                            f"Subject: m{i}\r\n\r\nx\r\n")
+    assert len(server.all_messages()) == 3
+    assert bool(flushes) is flushed
+    queued = sorted(p.name for p in server.queue.iterdir() if p.is_file())
+    assert len(queued) == 6 and not list((server.queue / "tmp").iterdir())
