@@ -234,3 +234,27 @@ def test_a_message_whose_session_stopped_waiting_is_not_stored_later(tmp_path):
     assert os.path.exists(first[0]) and os.path.exists(kept[0])
     assert not (tmp_path / "example.test" / "b").exists()  # never staged, not even its folder
 
+
+def test_a_quick_batch_holds_the_next_back_and_a_stalled_one_does_not(tmp_path, monkeypatch):
+    groups = record_batches(monkeypatch)
+    release = threading.Event()
+
+    def slow(commit):
+        release.wait(10)
+        return stager(tmp_path, "a", "first")(commit)
+
+    async def main():
+        batcher = batch.DeliveryBatcher(asyncio.get_running_loop(), parallel=2)
+        batcher.STALL_SECONDS = 1.0
+        first = batcher.submit(slow, "q0")
+        await asyncio.sleep(0.05)  # the first batch is in its thread, waiting
+        later = [batcher.submit(stager(tmp_path, "b", f"m{i}"), f"q{i + 1}") for i in range(3)]
+        await asyncio.sleep(0.1)
+        assert groups == [1], "while the running batch is young, the next one waits for it"
+        stored = await asyncio.wait_for(asyncio.gather(*later), 10)
+        assert groups == [1, 3] and not first.done(), "once it stalled, the next went beside it"
+        release.set()
+        return [await first, *stored]
+
+    results = asyncio.run(main())
+    assert all(len(finals) == 1 and os.path.exists(finals[0]) for finals in results)
