@@ -29,6 +29,14 @@ def stager(root, local: str, text: str):
     return run
 
 
+def held_stager(root, release: threading.Event):
+    """A stager that waits for *release* (a batch stuck on the disk), then stores "first"."""
+    def run(commit):
+        release.wait(10)
+        return stager(root, "a", "first")(commit)
+    return run
+
+
 def record_fsyncs(monkeypatch) -> list[tuple[str, set[str]]]:
     """Every directory fsync: (folder, the entries it held when the fsync started)."""
     real = maildir.fsync_dir
@@ -189,10 +197,7 @@ def test_commit_group_stores_each_message(tmp_path, quarantine):
 def test_what_becomes_ready_while_every_batch_runs_goes_together_next(tmp_path, monkeypatch):
     groups = record_batches(monkeypatch)
     release = threading.Event()
-
-    def slow(commit):
-        release.wait(10)
-        return stager(tmp_path, "a", "first")(commit)
+    slow = held_stager(tmp_path, release)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -214,10 +219,7 @@ def test_a_message_whose_session_stopped_waiting_is_not_stored_later(tmp_path):
     # A session cut by the hook timeout has answered 451; its client will send the message
     # again, so the batch that starts after the timeout must not store this copy.
     release = threading.Event()
-
-    def slow(commit):
-        release.wait(10)
-        return stager(tmp_path, "a", "first")(commit)
+    slow = held_stager(tmp_path, release)
 
     async def main():
         batcher = batch.DeliveryBatcher(asyncio.get_running_loop(), parallel=1)
@@ -238,10 +240,7 @@ def test_a_message_whose_session_stopped_waiting_is_not_stored_later(tmp_path):
 def test_a_quick_batch_holds_the_next_back_and_a_stalled_one_does_not(tmp_path, monkeypatch):
     groups = record_batches(monkeypatch)
     release = threading.Event()
-
-    def slow(commit):
-        release.wait(10)
-        return stager(tmp_path, "a", "first")(commit)
+    slow = held_stager(tmp_path, release)
 
     async def main():
         batcher = batch.DeliveryBatcher(asyncio.get_running_loop(), parallel=2)
