@@ -5,11 +5,12 @@ A batch writes each message's files, makes their data durable (one flush per fil
 all of them), publishes them into place, then fsyncs each directory it touched once for all of
 them (:func:`ingress.delivery.maildir.commit_group`).
 Each message's future is resolved only once its own files and directory entries are durable;
-a message that fails gets a ``451`` and leaves nothing behind, without failing the others.
+a message that fails gets a ``451`` and leaves nothing behind, without failing the others
+(except that a failed flush of a file system fails every message it may have carried).
 
-A few batches run at once, each in a thread (see :class:`DeliveryBatcher`); what becomes
-ready while they all run waits for one to finish and then goes as the next batch. Under load
-that is what fills the batches; when idle a message waits one turn of the loop at most.
+One batch runs at a time, in a thread, unless it stalls (see :class:`DeliveryBatcher`); what
+becomes ready meanwhile goes as the next batch. Under load that is what fills the batches;
+when idle a message waits one turn of the loop at most.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class DeliveryBatcher:
     goes together, so a busier server makes larger batches, and one flush of the file system
     and one fsync per folder serve them all (with 16 busy sessions on a virtio disk, this cost
     about 25 % less CPU per message than eight small batches at once, and delivered more).
-    Once the oldest running batch has run for :attr:`STALL_SECONDS` (a huge message, a slow
+    Once the youngest running batch has run for :attr:`STALL_SECONDS` (a huge message, a slow
     disk), another may start beside it, up to :attr:`parallel` at once, one per thread, so a
     slow message holds up the others for that long only. A thread takes its batch from a
     queue and hands the outcomes back with one ``call_soon_threadsafe``; it ends after
@@ -82,8 +83,8 @@ class DeliveryBatcher:
         self._scheduled = False
         if self._running >= self.parallel or not self._waiting:
             return
-        if self._running:  # another batch only beside one that has stalled
-            due = min(self._started.values()) + self.STALL_SECONDS
+        if self._running:  # another batch only once the youngest running one has stalled
+            due = max(self._started.values()) + self.STALL_SECONDS
             if self._loop.time() < due:
                 self._scheduled = True
                 self._loop.call_at(due, self._launch)

@@ -6,6 +6,7 @@ import collections
 import ctypes
 import errno
 import itertools
+import logging
 import os
 import re
 import sys
@@ -20,6 +21,7 @@ from ingress import addresses, process
 from ingress.directory import Directory
 
 T = TypeVar("T")
+log = logging.getLogger("ingress.delivery")
 
 _counter = itertools.count(1)
 _created: set[str] = set()  # mailboxes known to exist with tmp/new/cur
@@ -56,7 +58,8 @@ class GroupSync:
         self._started = 0  # number of the last flush started
         self._done = 0  # number of the last flush finished
         self._running = False
-        self._failures: collections.deque[tuple[int, OSError]] = collections.deque(maxlen=64)
+        self._failures: collections.deque[tuple[int, BaseException]] = (
+            collections.deque(maxlen=64))
 
     def flush(self) -> None:
         raise NotImplementedError
@@ -81,7 +84,7 @@ class GroupSync:
                 self._cond.release()
                 try:
                     self.flush()
-                except OSError as exc:
+                except BaseException as exc:  # whatever it was, nobody may take it as done
                     error = exc
                 finally:
                     self._cond.acquire()
@@ -92,8 +95,10 @@ class GroupSync:
                     self._cond.notify_all()
             # Any failure after the mark counts; the deque drops only older ones.
             error = next((e for n, e in self._failures if n > mark), None)
-        if error is not None:
+        if isinstance(error, OSError):
             raise OSError(error.errno, f"{self.name} failed: {error.strerror}")
+        if error is not None:
+            raise RuntimeError(f"{self.name} failed") from error
 
 
 class DirectorySync(GroupSync):
@@ -130,11 +135,12 @@ def sync_dir(path: str | Path) -> None:
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
-    """libc's ``syncfs`` where it reports write-back errors (Linux 5.8 and later), else None.
+    """libc's ``syncfs`` where it reports every error of the flush (Linux 5.17 and later:
+    write-back errors since 5.8, the file system's own sync since 5.17), else None.
 
     Python has no binding for it (``os.sync`` flushes every file system), hence ctypes."""
     version = re.match(r"(\d+)\.(\d+)", os.uname().release) if sys.platform == "linux" else None
-    if version is None or (int(version[1]), int(version[2])) < (5, 8):
+    if version is None or (int(version[1]), int(version[2])) < (5, 17):
         return None
     try:
         function = ctypes.CDLL(None, use_errno=True).syncfs
@@ -147,6 +153,10 @@ def _load_syncfs() -> Callable[[int], int] | None:
 
 _syncfs = _load_syncfs()
 FILE_SYSTEM_FLUSH = _syncfs is not None  # else every file's data is fsynced on its own
+# Local file systems whose syncfs writes back and flushes what fsync would. Network and FUSE
+# file systems may not pass a syncfs on to the server, and an overlay's errors may land on the
+# layer below: those get an fsync per file.
+FLUSHED_TYPES = frozenset({"ext4", "ext3", "xfs", "btrfs", "tmpfs"})
 
 
 def syncfs(fd: int) -> None:
@@ -156,6 +166,20 @@ def syncfs(fd: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
+def file_system_type(device: int) -> str | None:
+    """The type of the file system mounted from *device* (``/proc/self/mountinfo``)."""
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields = line.split(" ", 3)
+                if len(fields) > 3 and fields[2] == wanted and " - " in line:
+                    return line.split(" - ", 1)[1].split(" ", 1)[0]
+    except OSError:
+        pass
+    return None
+
+
 class FileSystemSync(GroupSync):
     """Group commit of file data on one file system: one ``syncfs`` makes the data of every
     file written on it before the call durable, in one pass of write-back and one cache flush,
@@ -163,38 +187,51 @@ class FileSystemSync(GroupSync):
     its descriptor (opened once, before the first file it covers was written); each is counted
     against every caller whose mark precedes it."""
 
-    def __init__(self, folder: str):
+    def __init__(self, fd: int, folder: str, kind: str | None):
         super().__init__(f"flush of the file system of {folder}")
-        self.fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.fd = fd
+        self.usable = kind in FLUSHED_TYPES
+        if self.usable:
+            # A new descriptor reports every error nobody has collected through syncfs yet,
+            # however old; collect them now, before anything this one covers is written.
+            _syncfs(fd)
+        log.info("delivery: the data of new files on the file system of %s (%s) is made "
+                 "durable %s", folder, kind or "type unknown",
+                 "per batch (syncfs)" if self.usable else "by an fsync per file")
 
     def flush(self) -> None:
         syncfs(self.fd)
 
 
 _file_systems: dict[int, FileSystemSync] = {}  # by device, this process's own descriptors
-_devices: dict[str, int] = {}  # folder -> device
 _file_systems_lock = threading.Lock()
 
 
-def file_system_of(folder: str) -> FileSystemSync:
-    device = _devices.get(folder)
-    if device is None:
-        device = _devices[folder] = os.stat(folder).st_dev
+def file_system_for(device: int, folder: str) -> FileSystemSync | None:
+    """The flusher of *device*, made with *folder* (a folder on it) when first needed; None
+    when data there must be fsynced file by file."""
     syncer = _file_systems.get(device)
     if syncer is None:
         with _file_systems_lock:
             syncer = _file_systems.get(device)
             if syncer is None:
-                syncer = _file_systems[device] = FileSystemSync(folder)
-    return syncer
+                fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                if os.fstat(fd).st_dev != device:  # the folder moved meanwhile: not now
+                    os.close(fd)
+                    return None
+                syncer = _file_systems[device] = FileSystemSync(fd, folder,
+                                                                file_system_type(device))
+    return syncer if syncer.usable else None
 
 
 def _forget_file_systems() -> None:
     """After fork: write-back errors are counted per open file, so a worker process must not
     share its parent's descriptors (one process would see an error and the other not)."""
+    global _file_systems_lock
     for syncer in _file_systems.values():
         os.close(syncer.fd)
     _file_systems.clear()
+    _file_systems_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_file_systems)
@@ -225,18 +262,26 @@ class Commit:
 
     def write(self, path: str, header: bytes, message=None, *, batch: bool = True) -> None:
         """Create *path* with *header* and the message (None: the header alone). *batch*:
-        its data is made durable with the batch's other files (one flush per file system),
-        where the kernel reports write-back errors that way; else fsynced here."""
+        its data is made durable with the batch's other files on its file system (one flush
+        for all), where that file system can be trusted to; else it is fsynced here."""
         path = os.fspath(path)
         self.work.temporary.append(path)
-        if batch and FILE_SYSTEM_FLUSH:
-            syncer = file_system_of(os.path.dirname(path))
-            if syncer not in self.marks:
-                self.marks[syncer] = syncer.mark()
-            self.work.file_systems.add(syncer)
-            write_file(path, header, message, sync=False)
-        else:
-            write_file(path, header, message)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            syncer = None
+            if batch and FILE_SYSTEM_FLUSH:
+                # The file's own device (a folder may be a mount point or a symbolic link),
+                # and the mark taken before any of its data is written.
+                syncer = file_system_for(os.fstat(fd).st_dev, os.path.dirname(path))
+                if syncer is not None and syncer not in self.marks:
+                    self.marks[syncer] = syncer.mark()
+            write_message(fd, header, message)
+            if syncer is None:
+                os.fsync(fd)
+            else:
+                self.work.file_systems.add(syncer)
+        finally:
+            os.close(fd)
 
     def publish(self, step: Callable[[], None]) -> None:
         self.work.steps.append(step)
@@ -354,23 +399,17 @@ def write_all(fd: int, buffers: list) -> None:
             view = view[os.write(fd, view):]
 
 
-def write_file(path: str | Path, header: bytes, message=None, sync: bool = True) -> None:
-    """Create *path* with *header* and the message (None: the header alone), and fsync it
-    (*sync*). Plain descriptor calls: this runs in a worker thread for every message, and each
-    call there is a turn at the GIL."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        data = b"" if message is None else message.getvalue()
-        if data is not None:
-            write_all(fd, [header, data])
-        else:
-            write_all(fd, [header])
-            for chunk in message.chunks(1 << 20):
-                write_all(fd, [chunk])
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+def write_message(fd: int, header: bytes, message=None) -> None:
+    """Write *header* and the message (None: the header alone) to *fd*. Plain descriptor
+    calls: this runs in a worker thread for every message, and each call there is a turn at
+    the GIL."""
+    data = b"" if message is None else message.getvalue()
+    if data is not None:
+        write_all(fd, [header, data])
+    else:
+        write_all(fd, [header])
+        for chunk in message.chunks(1 << 20):
+            write_all(fd, [chunk])
 
 
 def remove_quietly(paths) -> None:
@@ -434,19 +473,21 @@ def commit_group(stagers: Sequence[Callable[[Commit], tuple[T, list[str], list[s
             continue
         outcomes.append(result)
         works.append(work)
-    flushed: dict[FileSystemSync, OSError | None] = {}
+    flushed: dict[FileSystemSync, BaseException | None] = {}
     for syncer, mark in commit.marks.items():
         try:
             syncer.sync(mark)
             flushed[syncer] = None
-        except OSError as exc:
+        except BaseException as exc:
             flushed[syncer] = exc
-    folders: dict[str, OSError | None] = {}
+    folders: dict[str, BaseException | None] = {}
     for i, work in enumerate(works):
         if work is None:
             continue
         error = next((flushed[f] for f in work.file_systems if flushed[f] is not None), None)
         if error is None:
+            # A mailbox removed by hand since the write fails here (451, the client retries;
+            # the next write makes the folder again).
             try:
                 for step in work.steps:
                     step()
@@ -462,7 +503,7 @@ def commit_group(stagers: Sequence[Callable[[Commit], tuple[T, list[str], list[s
     for folder in folders:
         try:
             sync_dir(folder)
-        except OSError as exc:
+        except BaseException as exc:
             folders[folder] = exc
     for i, work in enumerate(works):
         if work is None:
@@ -490,7 +531,6 @@ def stage(commit: Commit, root: str | Path, mailboxes: list[tuple[str, str]], he
         # A mailbox removed while we run (by hand, by a cleanup job): make it again, once.
         for box in boxes:
             _created.discard(box)
-            _devices.pop(box + "/tmp", None)
             ensure_maildir(box)
         finals = place(commit, boxes, header, message, hostname, batch)
     return finals, [box + "/new" for box in boxes]

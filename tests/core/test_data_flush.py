@@ -4,7 +4,10 @@ message whose data it may have carried; ``delivery.sync = "file"`` fsyncs each f
 
 from __future__ import annotations
 
+import os
 import smtplib
+import stat
+import threading
 
 import pytest
 
@@ -95,13 +98,110 @@ def test_a_failure_counts_against_every_caller_who_wrote_before_it_was_seen():
     syncer.sync(later)  # data written after the failure was seen is fine
 
 
+def record_file_fsyncs(monkeypatch) -> list[int]:
+    """The inode of every regular file fsynced."""
+    real = os.fsync
+    inodes: list[int] = []
+
+    def recording(fd):
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            inodes.append(st.st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return inodes
+
+
 def test_file_mode_fsyncs_each_file_and_never_flushes_the_file_system(tmp_path, monkeypatch):
     flushes = record_flushes(monkeypatch, tmp_path)
+    fsynced = record_file_fsyncs(monkeypatch)
     outcomes = maildir.commit_group([stager(tmp_path, "a", f"m{i}", batch=False)
                                      for i in range(3)])
     assert flushes == []
-    assert sorted(p for finals in outcomes for p in finals) == sorted(
-        str(p) for p in tmp_path.glob("example.test/a/new/*"))
+    finals = sorted(p for finals in outcomes for p in finals)
+    assert finals == sorted(str(p) for p in tmp_path.glob("example.test/a/new/*"))
+    assert sorted(fsynced) == sorted(os.stat(p).st_ino for p in finals)
+
+
+@needs_syncfs
+def test_a_file_system_not_trusted_with_syncfs_gets_an_fsync_per_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(maildir, "_file_systems", {})  # made again with the type below
+    monkeypatch.setattr(maildir, "file_system_type", lambda device: "nfs4")
+    flushes = record_flushes(monkeypatch, tmp_path)
+    fsynced = record_file_fsyncs(monkeypatch)
+    outcomes = maildir.commit_group([stager(tmp_path, "a", f"m{i}") for i in range(3)])
+    assert flushes == []
+    assert sorted(fsynced) == sorted(os.stat(p).st_ino for finals in outcomes for p in finals)
+
+
+@needs_syncfs
+def test_a_flush_that_failed_after_the_batch_began_fails_it(tmp_path, monkeypatch):
+    # Someone else's flush fails between this batch's first write and its own flush: it may
+    # have written back (and lost) this batch's data, so the batch fails, though its own
+    # flush goes well.
+    real = maildir.syncfs
+    failing = threading.Event()
+
+    def sometimes(fd):
+        if failing.is_set():
+            failing.clear()
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(maildir, "syncfs", sometimes)
+
+    def other_writer_flushes(commit):
+        [syncer] = commit.marks
+        failing.set()
+        with pytest.raises(OSError):
+            syncer.sync()
+        return stager(tmp_path, "b", "second")(commit)
+
+    outcomes = maildir.commit_group([stager(tmp_path, "a", "first"), other_writer_flushes])
+    assert all(isinstance(o, OSError) and o.errno == 5 for o in outcomes)
+    assert names(tmp_path, "new") == [] and names(tmp_path, "tmp") == []
+
+
+def test_a_publish_step_failing_halfway_leaves_nothing(tmp_path):
+    def two_boxes_one_gone(commit):
+        boxes = [("example.test", "a"), ("example.test", "b")]
+        finals, folders = maildir.stage(commit, tmp_path, boxes, b"", Body("m"), "mx")
+        os.rmdir(tmp_path / "example.test" / "a" / "new")  # removed by hand meanwhile
+        return finals, finals, folders
+
+    [outcome] = maildir.commit_group([two_boxes_one_gone])
+    assert isinstance(outcome, FileNotFoundError)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "the link into b/new went too"
+
+
+@needs_syncfs
+def test_the_flush_follows_the_file_to_its_own_file_system(tmp_path, monkeypatch):
+    elsewhere = os.environ.get("INGRESS_TEST_OTHER_FS", "/dev/shm")
+    if not os.path.isdir(elsewhere) or os.stat(elsewhere).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip(f"needs {elsewhere} on another file system than {tmp_path}")
+    box = tmp_path / "example.test" / "a"
+    [stager(tmp_path, "a", "first")(maildir.Commit())]  # make the mailbox
+    moved = tmp_path.parent / (tmp_path.name + "-tmp-moved")
+    target = os.path.join(elsewhere, f"ingress-test-{os.getpid()}-{tmp_path.name}")
+    os.mkdir(target)
+    try:
+        os.rename(box / "tmp", moved)
+        os.symlink(target, box / "tmp")  # the mailbox's tmp/ now lives on another disk
+        devices: list[int] = []
+        real = maildir.syncfs
+
+        def recording(fd):
+            devices.append(os.fstat(fd).st_dev)
+            real(fd)
+
+        monkeypatch.setattr(maildir, "syncfs", recording)
+        maildir.commit_group([stager(tmp_path, "a", "second")])
+        assert os.stat(target).st_dev in devices
+    finally:
+        for name in os.listdir(target):
+            os.unlink(os.path.join(target, name))
+        os.rmdir(target)
 
 
 @needs_syncfs
@@ -123,3 +223,20 @@ def test_the_server_follows_delivery_sync(ingress_inprocess_server, monkeypatch,
     assert bool(flushes) is flushed
     queued = sorted(p.name for p in server.queue.iterdir() if p.is_file())
     assert len(queued) == 6 and not list((server.queue / "tmp").iterdir())
+
+
+def test_a_flush_that_broke_oddly_is_never_taken_as_done():
+    class BreaksOnce(maildir.GroupSync):
+        broken = True
+
+        def flush(self):
+            if self.broken:
+                self.broken = False
+                raise ValueError("a bug, not an OSError")
+
+    syncer = BreaksOnce("flush of a test")
+    mark = syncer.mark()
+    with pytest.raises(RuntimeError, match="flush of a test failed"):
+        syncer.sync()
+    with pytest.raises(RuntimeError):
+        syncer.sync(mark)  # written before the broken flush: it may have carried the data

@@ -237,23 +237,35 @@ def test_a_message_whose_session_stopped_waiting_is_not_stored_later(tmp_path):
     assert not (tmp_path / "example.test" / "b").exists()  # never staged, not even its folder
 
 
-def test_a_quick_batch_holds_the_next_back_and_a_stalled_one_does_not(tmp_path, monkeypatch):
+async def until(condition, seconds: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_a_young_batch_holds_the_next_back_and_only_a_stalled_one_does_not(tmp_path,
+                                                                         monkeypatch):
     groups = record_batches(monkeypatch)
-    release = threading.Event()
-    slow = held_stager(tmp_path, release)
+    releases = [threading.Event(), threading.Event()]
 
     async def main():
-        batcher = batch.DeliveryBatcher(asyncio.get_running_loop(), parallel=2)
+        batcher = batch.DeliveryBatcher(asyncio.get_running_loop(), parallel=3)
         batcher.STALL_SECONDS = 1.0
-        first = batcher.submit(slow, "q0")
-        await asyncio.sleep(0.05)  # the first batch is in its thread, waiting
-        later = [batcher.submit(stager(tmp_path, "b", f"m{i}"), f"q{i + 1}") for i in range(3)]
-        await asyncio.sleep(0.1)
+        first = batcher.submit(held_stager(tmp_path, releases[0]), "q0")
+        await until(lambda: groups == [1])  # in its thread, stuck on the "disk"
+        second = batcher.submit(held_stager(tmp_path, releases[1]), "q1")
+        await asyncio.sleep(0.2)
         assert groups == [1], "while the running batch is young, the next one waits for it"
-        stored = await asyncio.wait_for(asyncio.gather(*later), 10)
-        assert groups == [1, 3] and not first.done(), "once it stalled, the next went beside it"
-        release.set()
-        return [await first, *stored]
+        await until(lambda: groups == [1, 1])  # the first stalled: the second went beside it
+        third = batcher.submit(stager(tmp_path, "b", "third"), "q2")
+        await asyncio.sleep(0.2)
+        assert groups == [1, 1], "the youngest running batch (the second) is young again"
+        stored = await asyncio.wait_for(third, 10)
+        assert groups == [1, 1, 1] and not first.done() and not second.done()
+        for release in releases:
+            release.set()
+        return [await first, await second, stored]
 
     results = asyncio.run(main())
     assert all(len(finals) == 1 and os.path.exists(finals[0]) for finals in results)
