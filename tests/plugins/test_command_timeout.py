@@ -13,7 +13,7 @@ import pytest
 
 from ingress.testing import SMTPRaw
 
-TIMEOUT = 1.0  # the configured command timeout, seconds
+TIMEOUT = 0.5  # the configured command timeout, seconds (fractions are allowed)
 WAIT = TIMEOUT + 9  # how long a test waits for the server to act: generous, never a tight window
 USERS = {"domains": ["example.test"],
          "users": [{"address": "alice@example.test", "password": "alicepw"}]}
@@ -232,7 +232,7 @@ def test_a_tls_handshake_stalled_after_starttls_is_cut(ingress_server, tls_certs
 
 # --- min_data_rate -----------------------------------------------------------------------------
 
-TRICKLE = TIMEOUT / 4  # a byte every 0.25 s: 4 octets/s, never a pause near the command timeout
+TRICKLE = TIMEOUT / 4  # a byte every 0.125 s: 8 octets/s, never a pause near the command timeout
 
 
 def trickle(raw: SMTPRaw, data: bytes) -> tuple[tuple[int, str], int]:
@@ -258,14 +258,14 @@ def trickle(raw: SMTPRaw, data: bytes) -> tuple[tuple[int, str], int]:
 
 @pytest.mark.parametrize("disabled", [(), ("command_timeout",)])
 def test_a_body_below_the_minimum_data_rate_is_cut(ingress_server, disabled):
-    """4 octets/s against a minimum of 1,000 octets/s after a grace of `seconds`: cut with the
+    """8 octets/s against a minimum of 1,000 octets/s after a grace of `seconds`: cut with the
     command timeout's 421 once the grace is over, though the data never pauses; not stored."""
     server = ingress_server(config(command_timeout={"seconds": TIMEOUT, "min_data_rate": 1000}),
                             disabled=disabled)
     with server.raw() as raw:
         start_data(raw)
         started = time.monotonic()
-        body = b"Subject: slow\r\n\r\n" + b"x" * 30 + b"\r\n.\r\n"  # at most 13 s
+        body = b"Subject: slow\r\n\r\n" + b"x" * 30 + b"\r\n.\r\n"  # at most 6.5 s
         reply, sent = trickle(raw, body)
         if disabled:
             assert reply[0] == 250 and sent == len(body)
@@ -299,7 +299,7 @@ def test_a_slow_but_flowing_body_is_served_without_a_minimum_data_rate(ingress_s
     """min_data_rate = 0 (the default): the same trickle, 3 times as long as `seconds`,
     finishes its body and is stored."""
     server = ingress_server(config(command_timeout={"seconds": TIMEOUT, "min_data_rate": 0}))
-    body = b"Subject: slow\r\n\r\nok\r\n.\r\n"  # 24 octets: about 6 s
+    body = b"Subject: slow\r\n\r\nok\r\n.\r\n"  # 24 octets: about 3 s
     with server.raw() as raw:
         start_data(raw)
         reply, sent = trickle(raw, body)
