@@ -12,6 +12,7 @@ from conftest import need
 RUN = Path(__file__).resolve().parents[2] / "bench" / "run.py"
 
 
+@pytest.mark.heavy  # a load run (about 15 s) of real servers and clients: one environment only
 def test_harness_runs_every_server_and_client_on_a_tiny_load(tmp_path):
     need("smtp-source")
     need("smtp-sink")
