@@ -19,8 +19,18 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 sys.path.insert(0, str(HELPERS))
 
 
+HEAVY = os.environ.get("INGRESS_HEAVY") == "1"
+
+
+def examples(n: int) -> int:
+    """``max_examples`` for a property test: all *n* in the heavy environment (INGRESS_HEAVY=1,
+    one tox environment), a quarter (at least 15) in the others, which run the same properties
+    on the same strategies as a quick check on their interpreter."""
+    return n if HEAVY else max(15, n // 4)
+
+
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("INGRESS_HEAVY") == "1":
+    if HEAVY:
         return
     skip = pytest.mark.skip(reason="heavy test: set INGRESS_HEAVY=1 (one tox environment does)")
     for item in items:

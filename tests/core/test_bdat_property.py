@@ -9,6 +9,7 @@ import socket
 import time
 
 import pytest
+from conftest import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,7 +32,7 @@ def server(tmp_path_factory):
     assert "Traceback" not in running.log()
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=examples(60), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tokens=st.lists(st.sampled_from(TOKENS), max_size=40),
        cuts=st.lists(st.integers(min_value=0, max_value=40), max_size=8),

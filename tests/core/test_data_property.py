@@ -8,6 +8,7 @@ import socket
 import time
 
 import pytest
+from conftest import examples
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -37,7 +38,7 @@ def server(tmp_path_factory):
     running.stop()
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=examples(60), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tokens=st.lists(st.sampled_from(TOKENS), max_size=40),
        cuts=st.lists(st.integers(min_value=1, max_value=7), max_size=12))

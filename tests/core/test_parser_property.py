@@ -13,6 +13,7 @@ import re
 import sys
 
 import pytest
+from conftest import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -87,7 +88,7 @@ class LineCounter:
         sys.settrace(None)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(arg=st.one_of(hostile_text, st.builds(lambda kw, p, ps: f"{kw}{p}{''.join(ps)}",
                                              st.sampled_from(["FROM:", "TO:", "to: "]), path,
                                              st.lists(parameter, max_size=6))),
@@ -111,7 +112,7 @@ def test_parse_path_and_params_never_raise_and_stay_linear(arg, keyword):
         assert len(params) == len(params_text.split())
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(local=hostile_text, domain=hostile_text)
 def test_valid_address_accepts_only_bounded_rfc5321_mailboxes(local, domain):
     address = f"{local}@{domain}"
@@ -148,7 +149,7 @@ def check_reply(verb: str, code: int, text: str) -> None:
         assert ENHANCED.match(line), (verb, code, text)
 
 
-@settings(max_examples=300, deadline=None,
+@settings(max_examples=examples(300), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(commands=st.lists(st.tuples(command, st.sampled_from(["utf-8", "latin-1", "raw"])),
                          min_size=1, max_size=12))

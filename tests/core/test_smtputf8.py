@@ -20,6 +20,7 @@ from pathlib import Path
 import aiosmtplib
 import jsonschema
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -331,7 +332,7 @@ u_domain = st.lists(st.sampled_from(U_LABELS + ["example", "test", "xn--bcher-kv
                     min_size=1, max_size=4).map(".".join)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(local=st.one_of(local_text, st.sampled_from([NFC_JOERG, NFD_JOERG, "用户", "Ab.C"])),
        domain=u_domain)
 def test_normalisation_is_idempotent_and_labels_are_equivalent(local, domain):
@@ -357,7 +358,7 @@ def test_normalisation_is_idempotent_and_labels_are_equivalent(local, domain):
         assert len(name.encode()) <= 64 and unicodedata.is_normalized("NFC", name)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(text=st.text(max_size=30))
 def test_the_wire_and_the_directory_share_one_rule(text):
     from ingress.syntax import valid_address

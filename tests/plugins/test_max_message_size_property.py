@@ -10,6 +10,7 @@ import base64
 from dataclasses import dataclass
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -120,7 +121,7 @@ def work_bound(size: int) -> int:
 CUTS = st.lists(st.integers(1, 3000), max_size=8)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(tree=entity(), cuts=CUTS)
 def test_well_formed_trees_measure_as_the_reference(tree, cuts):
     counter = measure(tree.data, cuts)
@@ -151,7 +152,7 @@ def broken(draw) -> bytes:
     return data[:draw(st.integers(0, len(data)))] if draw(st.booleans()) else data
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(data=broken(), cuts=CUTS)
 def test_broken_mime_is_measured_within_bounds(data, cuts):
     counter = measure(data, cuts)
