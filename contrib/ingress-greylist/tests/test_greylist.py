@@ -56,7 +56,7 @@ class Clock:
 @pytest.mark.parametrize("enabled", [True, False])
 def test_first_attempt_is_greylisted_and_a_retry_after_the_delay_passes(ingress_server,
                                                                         enabled):
-    server = ingress_server(greylist(delay_seconds=2) if enabled else DIRECTORY)
+    server = ingress_server(greylist(delay_seconds=1) if enabled else DIRECTORY)
     first = attempt(server)
     started = time.monotonic()
     if not enabled:
@@ -64,7 +64,7 @@ def test_first_attempt_is_greylisted_and_a_retry_after_the_delay_passes(ingress_
         return
     assert first == GREYLISTED
     assert attempt(server) == GREYLISTED, "too early"
-    time.sleep(max(0.0, 2.2 - (time.monotonic() - started)))
+    time.sleep(max(0.0, 1.2 - (time.monotonic() - started)))
     assert attempt(server)[0] == 250
     assert attempt(server)[0] == 250, "a passed triplet passes at once"
     assert len(server.mailbox("bob@example.test")) == 2
@@ -155,27 +155,27 @@ def test_authenticated_sessions_are_skipped_unless_asked(ingress_server, authent
 
 
 def test_unretried_triplets_expire_and_passed_ones_last_pass_seconds(ingress_server):
-    server = ingress_server(greylist(delay_seconds=0, expire_seconds=2, pass_seconds=2))
+    server = ingress_server(greylist(delay_seconds=0, expire_seconds=1, pass_seconds=1))
     assert attempt(server, rcpt="carol@example.test") == GREYLISTED
     assert attempt(server) == GREYLISTED
-    time.sleep(2.3)
+    time.sleep(1.3)
     assert attempt(server) == GREYLISTED, "forgotten after expire_seconds: a first attempt"
     assert attempt(server)[0] == 250
     assert attempt(server)[0] == 250
-    time.sleep(2.3)
+    time.sleep(1.3)
     assert attempt(server) == GREYLISTED, "passed for pass_seconds only"
     lines = greylisted_lines(server)
     assert len(lines) == 4 and all("(first attempt)" in line for line in lines)
 
 
 def test_a_retry_that_reaches_another_node_passes(ingress_server, ingress_redis):
-    config = greylist(ingress_redis.url, delay_seconds=2)
+    config = greylist(ingress_redis.url, delay_seconds=1)
     node_a = ingress_server(config, name="a")
     node_b = ingress_server(config, name="b")
     assert attempt(node_a) == GREYLISTED
     started = time.monotonic()
     assert attempt(node_b) == GREYLISTED, "node B knows the triplet: too early"
-    time.sleep(max(0.0, 2.2 - (time.monotonic() - started)))
+    time.sleep(max(0.0, 1.2 - (time.monotonic() - started)))
     assert attempt(node_b)[0] == 250
     assert attempt(node_a)[0] == 250
     assert "(first attempt)" in greylisted_lines(node_a)[0]
