@@ -258,7 +258,12 @@ class Commit:
 
     def __init__(self) -> None:
         self.marks: dict[FileSystemSync, int] = {}
+        self.work: _Work  # the share of the stager running now (begin)
+
+    def begin(self) -> _Work:
+        """Start the share of the next stager: what it writes and publishes goes there."""
         self.work = _Work()
+        return self.work
 
     def write(self, path: str, header: bytes, message=None, *, batch: bool = True) -> None:
         """Create *path* with *header* and the message (None: the header alone). *batch*:
@@ -463,7 +468,7 @@ def commit_group(stagers: Sequence[Callable[[Commit], tuple[T, list[str], list[s
     outcomes: list[T | BaseException] = []
     works: list[_Work | None] = []
     for stager in stagers:
-        work = commit.work = _Work()
+        work = commit.begin()
         try:
             result, work.files, work.touched = stager(commit)
         except BaseException as exc:  # handed to that message's session

@@ -181,7 +181,7 @@ def test_the_flush_follows_the_file_to_its_own_file_system(tmp_path, monkeypatch
     if not os.path.isdir(elsewhere) or os.stat(elsewhere).st_dev == os.stat(tmp_path).st_dev:
         pytest.skip(f"needs {elsewhere} on another file system than {tmp_path}")
     box = tmp_path / "example.test" / "a"
-    [stager(tmp_path, "a", "first")(maildir.Commit())]  # make the mailbox
+    maildir.ensure_maildir(str(box))
     moved = tmp_path.parent / (tmp_path.name + "-tmp-moved")
     target = os.path.join(elsewhere, f"ingress-test-{os.getpid()}-{tmp_path.name}")
     os.mkdir(target)
