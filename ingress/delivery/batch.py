@@ -2,28 +2,31 @@
 together, in one hop to a worker thread. Private to the core.
 
 A batch writes each message's files, makes their data durable (one flush per file system for
-all of them), publishes them into place, then fsyncs each directory it touched once for all of
-them (:func:`ingress.delivery.maildir.commit_group`).
-Each message's future is resolved only once its own files and directory entries are durable;
-a message that fails gets a ``451`` and leaves nothing behind, without failing the others
-(except that a failed flush of a file system fails every message it may have carried).
+all of them), publishes them into place, then makes their directory entries durable
+(:class:`ingress.delivery.maildir.Group`). Each message's future is resolved only once its own
+files and directory entries are durable; a message that fails gets a ``451`` and leaves nothing
+behind, without failing the others (except that a failed flush of a file system fails every
+message it may have carried).
 
-One batch runs at a time, in a thread, unless it stalls (see :class:`DeliveryBatcher`); what
-becomes ready meanwhile goes as the next batch. Under load that is what fills the batches;
+Batches run as a pipeline in one thread (see :class:`DeliveryBatcher`): what becomes ready
+while a batch is stored goes as the next batch, and the flush that makes the next batch's data
+durable also carries the previous batch's entries. Under load that is what fills the batches;
 when idle a message waits one turn of the loop at most.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable
 
-from ingress.delivery.maildir import Commit, commit_group
+from ingress.delivery.maildir import Commit, Group
 from ingress.reply import Reply
 
 log = logging.getLogger("ingress.delivery")
@@ -34,19 +37,25 @@ STORAGE_ERROR = Reply(451, "4.3.0", "Local storage error, try again later")
 # (result, final paths, folders).
 Stager = Callable[[Commit], "tuple[object, list[str], list[str]]"]
 Entry = tuple[Stager, str, asyncio.Future]  # a message: stager, queue id, its future
+Waiter = tuple[str, asyncio.Future]  # a message being stored: queue id, its future
 
 
 class DeliveryBatcher:
     """The delivery batches of one event loop, stored by threads of its own.
 
-    One batch runs at a time while it is quick: what becomes ready meanwhile waits and then
-    goes together, so a busier server makes larger batches, and one flush of the file system
-    and one fsync per folder serve them all (with 16 busy sessions on a virtio disk, this cost
-    about 25 % less CPU per message than eight small batches at once, and delivered more).
-    Once the youngest running batch has run for :attr:`STALL_SECONDS` (a huge message, a slow
-    disk), another may start beside it, up to :attr:`parallel` at once, one per thread, so a
-    slow message holds up the others for that long only. A thread takes its batch from a
-    queue and hands the outcomes back with one ``call_soon_threadsafe``; it ends after
+    A pipeline (one thread) stores batch after batch while there is work: in each cycle it
+    takes everything that became ready as the next batch, writes it, flushes the file system
+    once (the new batch's data and the previous batch's directory entries), answers the
+    previous batch, then publishes the new one; when nothing more comes, a last flush answers
+    the last batch. So a busier server makes larger batches, and one flush per batch serves
+    them all (with 16 busy sessions on a virtio disk, eight small batches at once cost about
+    25 % more CPU per message than one at a time, and two flushes per batch about 15 % less
+    throughput than one).
+
+    Once the youngest running pipeline's cycle has run for :attr:`STALL_SECONDS` (a huge
+    message, a slow disk), another pipeline may start beside it, up to :attr:`parallel` at
+    once, one per thread, so a slow message holds up the others for that long only. A thread
+    hands each batch's outcomes back with one ``call_soon_threadsafe``; it ends after
     :attr:`IDLE_SECONDS` without work.
     """
 
@@ -56,16 +65,15 @@ class DeliveryBatcher:
     def __init__(self, loop: asyncio.AbstractEventLoop, parallel: int = 8):
         self._loop = loop
         self.parallel = parallel
-        self._waiting: list[Entry] = []
-        self._running = 0  # batches handed to the threads and not finished yet
+        # Submitted by the loop, taken by the pipelines (deque operations are atomic).
+        self._waiting: collections.deque[Entry] = collections.deque()
         self._scheduled = False  # a launch is due at the next turn of the loop
-        # The threads get a batch's number and stagers; its entries stay with the loop.
-        self._batches: queue.SimpleQueue[tuple[int, list[Stager]]] = queue.SimpleQueue()
-        self._in_flight: dict[int, list[Entry]] = {}
-        self._started: dict[int, float] = {}  # running batches' start times (loop clock)
+        self._recheck: asyncio.TimerHandle | None = None  # a launch due once a cycle stalls
+        self._lock = threading.Lock()  # pipelines and threads coming and going
+        self._cycles: dict[int, float] = {}  # running pipelines: start of their cycle
         self._numbers = itertools.count()
+        self._starts: queue.SimpleQueue[int] = queue.SimpleQueue()  # pipelines to run
         self._threads = 0
-        self._threads_lock = threading.Lock()  # the threads' coming and going
 
     def submit(self, stager: Stager, queue_id: str) -> asyncio.Future:
         """Store a message with the next batch: a future of the stager's result once the
@@ -73,68 +81,106 @@ class DeliveryBatcher:
         *queue_id*), or of any other exception it raised."""
         future = self._loop.create_future()
         self._waiting.append((stager, queue_id, future))
-        if self._running < self.parallel and not self._scheduled:
+        if not self._scheduled:
             # Messages completed in this same turn of the loop join the batch too.
             self._scheduled = True
             self._loop.call_soon(self._launch)
         return future
 
-    def _launch(self) -> None:
-        self._scheduled = False
-        if self._running >= self.parallel or not self._waiting:
-            return
-        if self._running:  # another batch only once the youngest running one has stalled
-            due = max(self._started.values()) + self.STALL_SECONDS
-            if self._loop.time() < due:
-                self._scheduled = True
-                self._loop.call_at(due, self._launch)
+    def _launch(self, recheck: bool = False) -> None:
+        """Start a pipeline for the waiting messages unless a running one will take them."""
+        if recheck:
+            self._recheck = None
+        else:
+            self._scheduled = False
+        with self._lock:
+            if not self._waiting or len(self._cycles) >= self.parallel:
                 return
-        # A session that stopped waiting (hook timeout) has answered 451: storing its message
-        # now would make a copy the client sends again.
-        batch = [entry for entry in self._waiting if not entry[2].done()]
-        self._waiting = []
-        if not batch:
-            return
-        self._running += 1
-        number = next(self._numbers)
-        self._in_flight[number] = batch
-        self._started[number] = self._loop.time()
-        with self._threads_lock:
-            self._batches.put((number, [stager for stager, _, _ in batch]))
-            if self._threads < self._running:  # busy threads < running: one is free or coming
+            if self._cycles:  # another pipeline only once the youngest one has stalled
+                wait = max(self._cycles.values()) + self.STALL_SECONDS - time.monotonic()
+                if wait > 0:
+                    if self._recheck is None:
+                        self._recheck = self._loop.call_later(wait, self._launch, True)
+                    return
+            number = next(self._numbers)
+            self._cycles[number] = time.monotonic()
+            self._starts.put(number)
+            if self._threads < len(self._cycles):  # busy threads < pipelines: start one
                 self._threads += 1
-                threading.Thread(target=self._store, name="ingress-delivery",
+                threading.Thread(target=self._serve, name="ingress-delivery",
                                  daemon=True).start()
 
-    def _store(self) -> None:
-        """A thread: store batches, hand each one's outcomes to the loop."""
+    def _serve(self) -> None:
+        """A thread: run pipelines as they are started."""
         while True:
             try:
-                number, stagers = self._batches.get(timeout=self.IDLE_SECONDS)
+                number = self._starts.get(timeout=self.IDLE_SECONDS)
             except queue.Empty:
-                with self._threads_lock:
-                    if self._batches.empty():
+                with self._lock:
+                    if self._starts.empty():
                         self._threads -= 1
                         return
                 continue
-            try:
-                outcomes: list = commit_group(stagers)
-            except BaseException as exc:  # commit_group hands errors back; this is a bug
-                outcomes = [exc] * len(stagers)
-            # Let go of the transactions before the loop hears of the outcome: the session may
-            # go on at once, and what a transaction holds (a catch-all place) goes with it.
-            del stagers
-            try:
-                self._loop.call_soon_threadsafe(self._finish, number, outcomes)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                pass
-            del outcomes
+            self._pipeline(number)
 
-    def _finish(self, number: int, outcomes: list) -> None:
-        self._running -= 1
-        batch = self._in_flight.pop(number)
-        del self._started[number]
-        for (_, queue_id, future), outcome in zip(batch, outcomes, strict=True):
+    def _take(self) -> tuple[list[Stager], list[Waiter]]:
+        stagers: list[Stager] = []
+        waiters: list[Waiter] = []
+        while True:
+            try:
+                stager, queue_id, future = self._waiting.popleft()
+            except IndexError:
+                return stagers, waiters
+            # A session that stopped waiting (hook timeout) has answered 451: storing its
+            # message now would make a copy the client sends again.
+            if not future.done():
+                stagers.append(stager)
+                waiters.append((queue_id, future))
+
+    def _pipeline(self, number: int) -> None:
+        """Store batches until there is nothing more to take (see the class)."""
+        pending: tuple[list[Waiter], Group] | None = None  # published, entries not yet durable
+        while True:
+            stagers, waiters = self._take()
+            if not stagers and pending is None:
+                with self._lock:
+                    if not self._waiting:
+                        del self._cycles[number]
+                        return
+                continue
+            self._cycles[number] = time.monotonic()
+            group = None
+            try:
+                if stagers:
+                    group = Group(stagers)
+                    # Let go of the transactions: once the loop hears of the outcome the
+                    # session may go on, and what a transaction holds (a catch-all place) goes
+                    # with it.
+                    del stagers
+                    group.flush_data()  # and with it, the previous batch's entries
+                if pending is not None:
+                    pending[1].flush_entries()
+                    self._answer(pending[0], pending[1].outcomes)
+                    pending = None
+                if group is not None:
+                    group.publish()
+                    pending = (waiters, group)
+            except BaseException as exc:  # Group hands errors back; this is a bug
+                if pending is not None and pending[0] is not waiters:
+                    self._answer(pending[0], [exc] * len(pending[0]))
+                if waiters:
+                    self._answer(waiters, [exc] * len(waiters))
+                pending = None
+            del group
+
+    def _answer(self, waiters: list[Waiter], outcomes: list) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._finish, waiters, outcomes)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    def _finish(self, waiters: list[Waiter], outcomes: list) -> None:
+        for (queue_id, future), outcome in zip(waiters, outcomes, strict=True):
             if future.done():  # its session stopped waiting (hook timeout, shutdown)
                 continue
             if isinstance(outcome, OSError):
@@ -144,8 +190,6 @@ class DeliveryBatcher:
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
-        if self._waiting:
-            self._launch()
 
 
 _batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DeliveryBatcher] = (

@@ -68,11 +68,18 @@ class GroupSync:
         with self._cond:
             return self._done
 
-    def sync(self, mark: int | None = None) -> None:
+    def started(self) -> int:
+        """The number of the last flush started: any flush numbered above it starts later."""
+        with self._cond:
+            return self._started
+
+    def sync(self, mark: int | None = None, after: int | None = None) -> None:
+        """Return once a flush that started after the caller's change has finished: after
+        :meth:`started` returned *after* (taken once the change was made), else after now."""
         with self._cond:
             if mark is None:
                 mark = self._done
-            mine = self._started + 1  # the first flush to start from now on covers my change
+            mine = (self._started if after is None else after) + 1
             while self._done < mine:
                 if self._running:
                     self._cond.wait()
@@ -458,66 +465,124 @@ def deliver(root: str | Path, mailboxes: list[tuple[str, str]], header: bytes, m
 def commit_group(stagers: Sequence[Callable[[Commit], tuple[T, list[str], list[str]]]]
                  ) -> list[T | BaseException]:
     """Store a batch. Each of *stagers* writes its files through the :class:`Commit` it is
-    given and returns ``(result, final paths, folders whose entries must be fsynced)``. Then:
-    the data of every file is made durable (one flush per file system, or fsync per file), each
-    stager's files are published (renamed or linked into place), and every folder named is
-    fsynced once, through :func:`sync_dir`. Per stager: its result once all of that is done for
-    its files, or the exception that failed it, after its files were removed. One failure
-    fails only the stagers concerned."""
-    commit = Commit()
-    outcomes: list[T | BaseException] = []
-    works: list[_Work | None] = []
-    for stager in stagers:
-        work = commit.begin()
-        try:
-            result, work.files, work.touched = stager(commit)
-        except BaseException as exc:  # handed to that message's session
-            remove_quietly(work.temporary)
-            outcomes.append(exc)
-            works.append(None)
-            continue
-        outcomes.append(result)
-        works.append(work)
-    flushed: dict[FileSystemSync, BaseException | None] = {}
-    for syncer, mark in commit.marks.items():
-        try:
-            syncer.sync(mark)
-            flushed[syncer] = None
-        except BaseException as exc:
-            flushed[syncer] = exc
-    folders: dict[str, BaseException | None] = {}
-    for i, work in enumerate(works):
-        if work is None:
-            continue
-        error = next((flushed[f] for f in work.file_systems if flushed[f] is not None), None)
-        if error is None:
-            # A mailbox removed by hand since the write fails here (451, the client retries;
-            # the next write makes the folder again).
+    given and returns ``(result, final paths, folders whose entries must be made durable)``.
+    Then the data of every file is made durable (one flush per file system, or fsync per file),
+    each stager's files are published (renamed or linked into place), and the entries of every
+    folder named are made durable once for all. Per stager: its result once all of that is
+    done for its files, or the exception that failed it, after its files were removed. One
+    failure fails only the stagers concerned. (:class:`Group` does it in steps, so that the
+    delivery batcher can overlap consecutive batches.)"""
+    group = Group(stagers)
+    group.flush_data()
+    group.publish()
+    group.flush_entries()
+    return group.outcomes
+
+
+class Group:
+    """One batch being stored, in four steps: write (made with the stagers), :meth:`flush_data`,
+    :meth:`publish`, :meth:`flush_entries`; then :attr:`outcomes` hold each stager's result or
+    exception (see :func:`commit_group`).
+
+    Entries in folders on a file system flushed per batch are made durable by the first flush
+    of that file system that starts after they were published (write-back of the directory
+    blocks with everything else, or a journal commit), not by an fsync per folder. So when
+    batches follow each other, the next batch's data flush carries this one's entries: one
+    flush per batch instead of two. Folders elsewhere are fsynced during :meth:`publish`.
+    """
+
+    def __init__(self, stagers: Sequence[Callable[[Commit], tuple[T, list[str], list[str]]]]):
+        self.commit = commit = Commit()
+        self.outcomes: list = []
+        self._works: list[_Work | None] = []
+        for stager in stagers:
+            work = commit.begin()
             try:
-                for step in work.steps:
-                    step()
+                result, work.files, work.touched = stager(commit)
+            except BaseException as exc:  # handed to that message's session
+                remove_quietly(work.temporary)
+                self.outcomes.append(exc)
+                self._works.append(None)
+                continue
+            self.outcomes.append(result)
+            self._works.append(work)
+        self._flushed: dict[FileSystemSync, BaseException | None] = {}
+        # folder -> the file system whose flush makes its entries durable (None: fsync it),
+        # and what that flush failed with
+        self._carriers: dict[str, FileSystemSync | None] = {}
+        self._folder_errors: dict[str, BaseException | None] = {}
+        self._entry_marks: dict[FileSystemSync, tuple[int, int]] = {}  # (mark, started)
+
+    def _fail(self, i: int, error: BaseException, paths: list[str]) -> None:
+        remove_quietly(paths)
+        self.outcomes[i] = error
+        self._works[i] = None
+
+    def flush_data(self) -> None:
+        """Make the data of every file written durable (a flush per file system)."""
+        for syncer, mark in self.commit.marks.items():
+            try:
+                syncer.sync(mark)
+                self._flushed[syncer] = None
             except BaseException as exc:
-                error = exc
-        if error is not None:
-            remove_quietly([*work.files, *work.temporary])
-            outcomes[i] = error
-            works[i] = None
-            continue
-        for folder in work.touched:
-            folders[folder] = None
-    for folder in folders:
-        try:
-            sync_dir(folder)
-        except BaseException as exc:
-            folders[folder] = exc
-    for i, work in enumerate(works):
-        if work is None:
-            continue
-        error = next((folders[f] for f in work.touched if folders[f] is not None), None)
-        if error is not None:
-            remove_quietly(work.files)
-            outcomes[i] = error
-    return outcomes
+                self._flushed[syncer] = exc
+
+    def publish(self) -> None:
+        """Publish each stager's files whose data is durable; fsync the folders whose entries
+        no file system flush will carry; note where the others' flushes stand."""
+        flushed = self._flushed
+        batched: set[FileSystemSync] = set()  # file systems whose flush carried data here
+        for i, work in enumerate(self._works):
+            if work is None:
+                continue
+            error = next((flushed[f] for f in work.file_systems if flushed[f] is not None), None)
+            if error is None:
+                # A mailbox removed by hand since the write fails here (451, the client retries;
+                # the next write makes the folder again).
+                try:
+                    for step in work.steps:
+                        step()
+                except BaseException as exc:
+                    error = exc
+            if error is not None:
+                self._fail(i, error, [*work.files, *work.temporary])
+                continue
+            batched |= work.file_systems
+            for folder in work.touched:
+                self._folder_errors[folder] = None
+        for folder in self._folder_errors:
+            try:
+                # Only where this batch flushes data per file system: delivery.sync = "file"
+                # keeps syncfs off a file system shared with heavy writers.
+                carrier = _file_systems.get(os.stat(folder).st_dev) if batched else None
+                if carrier not in batched:
+                    carrier = None
+                    sync_dir(folder)
+                self._carriers[folder] = carrier
+            except BaseException as exc:
+                self._carriers[folder] = None
+                self._folder_errors[folder] = exc
+        for carrier in set(self._carriers.values()):
+            if carrier is not None:  # once every entry is in place
+                self._entry_marks[carrier] = (carrier.mark(), carrier.started())
+
+    def flush_entries(self) -> None:
+        """Wait for the file system flushes that carry the published entries (starting one if
+        none has started since); fail the stagers whose entries may not be durable."""
+        for carrier, (mark, after) in self._entry_marks.items():
+            try:
+                carrier.sync(mark, after)
+            except BaseException as exc:
+                for folder, its_carrier in self._carriers.items():
+                    if its_carrier is carrier and self._folder_errors[folder] is None:
+                        self._folder_errors[folder] = exc
+        for i, work in enumerate(self._works):
+            if work is None:
+                continue
+            errors = self._folder_errors
+            error = next((errors[f] for f in work.touched if errors[f] is not None), None)
+            if error is not None:
+                self._fail(i, error, work.files)
 
 
 def stage(commit: Commit, root: str | Path, mailboxes: list[tuple[str, str]], header: bytes,

@@ -21,10 +21,10 @@ class Body:
         return self.data
 
 
-def stager(root, local: str, text: str):
+def stager(root, local: str, text: str, batch: bool = True):
     def run(commit):
         finals, folders = maildir.stage(commit, root, [("example.test", local)], b"", Body(text),
-                                        "mx")
+                                        "mx", batch=batch)
         return finals, finals, folders
     return run
 
@@ -37,34 +37,47 @@ def held_stager(root, release: threading.Event):
     return run
 
 
-def record_fsyncs(monkeypatch) -> list[tuple[str, set[str]]]:
-    """Every directory fsync: (folder, the entries it held when the fsync started)."""
-    real = maildir.fsync_dir
-    fsyncs: list[tuple[str, set[str]]] = []
+def record_entry_flushes(monkeypatch, root) -> list[tuple[str, set[str]]]:
+    """Every flush that can make directory entries durable, with the entries it covers:
+    (folder, its entries) for a directory fsync, ("syncfs", every path in a new/ folder under
+    *root*) for a flush of the file system, as each started."""
+    real_fsync, real_syncfs = maildir.fsync_dir, maildir.syncfs
+    flushes: list[tuple[str, set[str]]] = []
 
-    def recording(path):
-        fsyncs.append((os.fspath(path), set(os.listdir(path))))
-        real(path)
+    def fsync_dir(path):
+        flushes.append((os.fspath(path), set(os.listdir(path))))
+        real_fsync(path)
 
-    monkeypatch.setattr(maildir, "fsync_dir", recording)
-    return fsyncs
+    def syncfs(fd):
+        flushes.append(("syncfs", {str(p) for p in root.glob("**/new/*")}))
+        real_syncfs(fd)
+
+    monkeypatch.setattr(maildir, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(maildir, "syncfs", syncfs)
+    return flushes
+
+
+def entry_was_flushed(path, flushes) -> bool:
+    folder, name = os.path.split(str(path))
+    return any((f == folder and name in entries) or (f == "syncfs" and str(path) in entries)
+               for f, entries in flushes)
 
 
 def record_batches(monkeypatch) -> list[int]:
     """The size of every batch stored, in order."""
     groups: list[int] = []
-    real_commit = maildir.commit_group
 
-    def counting(stagers):
-        groups.append(len(stagers))
-        return real_commit(stagers)
+    class CountingGroup(maildir.Group):
+        def __init__(self, stagers):
+            groups.append(len(stagers))
+            super().__init__(stagers)
 
-    monkeypatch.setattr(batch, "commit_group", counting)
+    monkeypatch.setattr(batch, "Group", CountingGroup)
     return groups
 
 
 def test_messages_ready_together_go_in_one_batch_and_are_all_durable(tmp_path, monkeypatch):
-    fsyncs = record_fsyncs(monkeypatch)
+    flushes = record_entry_flushes(monkeypatch, tmp_path)
     groups = record_batches(monkeypatch)
 
     async def main():
@@ -77,11 +90,12 @@ def test_messages_ready_together_go_in_one_batch_and_are_all_durable(tmp_path, m
     assert groups == [6], "one thread hop for the six messages"
     paths = [p for finals in results for p in finals]
     assert sorted(paths) == sorted(str(p) for p in tmp_path.glob("example.test/*/new/*"))
-    new_fsyncs = [(folder, entries) for folder, entries in fsyncs if folder.endswith("/new")]
-    assert len(new_fsyncs) == 2, "one fsync per touched new/ folder for the whole batch"
-    for path in paths:
-        folder, name = os.path.split(path)
-        assert any(f == folder and name in entries for f, entries in new_fsyncs)
+    entry_flushes = [(f, entries) for f, entries in flushes if f == "syncfs" or f.endswith("/new")]
+    if maildir.FILE_SYSTEM_FLUSH:  # the data flush, then one that carries the entries
+        assert [f for f, _ in entry_flushes] == ["syncfs", "syncfs"]
+    else:
+        assert len(entry_flushes) == 2, "one fsync per touched new/ folder for the whole batch"
+    assert all(entry_was_flushed(path, entry_flushes) for path in paths)
 
 
 def test_a_failing_message_gets_451_and_the_others_are_stored(tmp_path):
@@ -108,6 +122,7 @@ def test_a_failing_message_gets_451_and_the_others_are_stored(tmp_path):
 
 
 def test_a_failed_directory_fsync_fails_only_the_messages_in_that_folder(tmp_path, monkeypatch):
+    # With delivery.sync = "file" (or where syncfs is not trusted) each folder is fsynced.
     real = maildir.fsync_dir
 
     def failing(path):
@@ -116,8 +131,8 @@ def test_a_failed_directory_fsync_fails_only_the_messages_in_that_folder(tmp_pat
         real(path)
 
     monkeypatch.setattr(maildir, "fsync_dir", failing)
-    outcomes = maildir.commit_group([stager(tmp_path, "good", "one"),
-                                     stager(tmp_path, "bad", "two")])
+    outcomes = maildir.commit_group([stager(tmp_path, "good", "one", batch=False),
+                                     stager(tmp_path, "bad", "two", batch=False)])
     assert isinstance(outcomes[1], OSError) and outcomes[1].errno == 5
     assert len(outcomes[0]) == 1 and os.path.exists(outcomes[0][0])
     assert not list((tmp_path / "example.test" / "bad").glob("*/*")), "nothing left behind"
@@ -132,9 +147,9 @@ MESSAGES = 6
 
 def test_concurrent_sessions_nothing_lost_or_duplicated_and_a_failure_stays_its_own(
         ingress_inprocess_server, monkeypatch):
-    fsyncs = record_fsyncs(monkeypatch)
-    groups = record_batches(monkeypatch)
     server = ingress_inprocess_server(CONFIG)
+    flushes = record_entry_flushes(monkeypatch, server.maildir)
+    groups = record_batches(monkeypatch)
     bad = server.maildir / "example.test" / "bad"
     bad.mkdir(parents=True)
     (bad / "tmp").write_text("a file where a folder should be")
@@ -169,9 +184,8 @@ def test_concurrent_sessions_nothing_lost_or_duplicated_and_a_failure_stays_its_
                       for p in stored)
     assert subjects == sorted(accepted), "every 250 stored once, nothing else"
     assert sum(groups) == SESSIONS * MESSAGES
-    for path in stored:  # each entry was in a new/ folder when an fsync of it started
-        folder, name = os.path.split(str(path))
-        assert any(f == folder and name in entries for f, entries in fsyncs)
+    # each entry was in a new/ folder when an fsync of it or a flush of its file system started
+    assert all(entry_was_flushed(path, flushes) for path in stored)
     assert not list(server.maildir.glob("*/*/tmp/*"))
 
 
@@ -269,3 +283,36 @@ def test_a_young_batch_holds_the_next_back_and_only_a_stalled_one_does_not(tmp_p
 
     results = asyncio.run(main())
     assert all(len(finals) == 1 and os.path.exists(finals[0]) for finals in results)
+
+
+@pytest.mark.skipif(not maildir.FILE_SYSTEM_FLUSH, reason="needs a syncfs that reports errors")
+def test_the_next_batchs_data_flush_carries_the_previous_batchs_entries(tmp_path, monkeypatch):
+    flushes = record_entry_flushes(monkeypatch, tmp_path)
+    tmp_at_flush: list[int] = []
+    recording = maildir.syncfs
+
+    def syncfs(fd):
+        tmp_at_flush.append(len(list(tmp_path.glob("example.test/*/tmp/*"))))
+        recording(fd)
+
+    monkeypatch.setattr(maildir, "syncfs", syncfs)
+    release = threading.Event()
+
+    async def main():
+        batcher = batch.DeliveryBatcher(asyncio.get_running_loop(), parallel=1)
+        first = batcher.submit(held_stager(tmp_path, release), "q0")
+        await asyncio.sleep(0.05)  # the first batch is in its thread, waiting
+        later = [batcher.submit(stager(tmp_path, "b", f"m{i}"), f"q{i + 1}") for i in range(3)]
+        release.set()
+        return await asyncio.gather(first, *later)
+
+    first, *later = asyncio.run(main())
+    # (the folders' parents are fsynced when a mailbox is made: not entry flushes)
+    flushes = [(f, entries) for f, entries in flushes if f == "syncfs" or f.endswith("/new")]
+    assert [f for f, _ in flushes] == ["syncfs"] * 3, "three flushes for two batches, not four"
+    assert tmp_at_flush == [1, 3, 0]
+    # the second flush started with the first batch's entry in new/ and the second's data in
+    # tmp/: it made both durable; the third carried the second batch's entries
+    assert entry_was_flushed(first[0], flushes[1:2]) and not entry_was_flushed(first[0], flushes[:1])
+    assert all(entry_was_flushed(p[0], flushes[2:]) for p in later)
+    assert not any(entry_was_flushed(p[0], flushes[:2]) for p in later)
