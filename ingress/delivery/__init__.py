@@ -5,10 +5,11 @@ Plugins may import :class:`Delivered`, :func:`may_relay`, :func:`may_create_mail
 :func:`store_generated` and :class:`Generated`.
 
 Durability: a message is written to ``tmp/``, its data made durable, linked into each mailbox's
-``new/``, and every touched directory is fsynced before ``deliver`` answers. Messages that are
-ready together share one thread hop, one flush of their data per file system (``syncfs``; with
-``delivery.sync = "file"``, or where the kernel cannot report write-back errors that way, an
-fsync per file) and one fsync per directory: :mod:`.batch`. The queue's ``.eml`` and ``.json``
+``new/``, and its new directory entries made durable before ``deliver`` answers. Messages that
+are ready together share one thread hop and one flush of their data per file system
+(``syncfs``; with ``delivery.sync = "file"``, or where the kernel cannot report write-back
+errors that way, an fsync per file); their entries are carried by the next batch's flush of
+that file system (else one fsync per directory): :mod:`.batch`. The queue's ``.eml`` and ``.json``
 likewise, the ``.json`` renamed into place last (its presence marks a complete entry). Any
 failure removes what was written and answers ``451 4.3.0``, so nothing half-written remains and
 the client retries.
@@ -150,7 +151,7 @@ def stage(session, transaction, message, commit: maildir.Commit, generated: bool
           ) -> tuple[Delivered, list[str], list[str]]:
     """Blocking: write the message's files through *commit* (``maildir.commit_group`` makes
     them durable and publishes them): ``(what was delivered, final paths, folders whose entries
-    must be fsynced)``."""
+    must be made durable)``."""
     config = session.config
     mailboxes, relay = plan(session, transaction)
     batch = config.data["delivery"]["sync"] == "batch"
@@ -211,4 +212,4 @@ def deliver(session, transaction, message) -> asyncio.Future:
     """Hand the message to this event loop's delivery batch (see :mod:`.batch`): a future of
     its :class:`Delivered` once durable, or of a ``451`` reply when storing it failed."""
     return batch.for_loop().submit(partial(stage, session, transaction, message),
-                                   transaction.id)
+                                   transaction.id, getattr(message, "size", 0))

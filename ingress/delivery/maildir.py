@@ -449,7 +449,7 @@ def deliver(root: str | Path, mailboxes: list[tuple[str, str]], header: bytes, m
             hostname: str, quarantine: bool = False, batch: bool = True) -> list[str]:
     """Write one copy into the first mailbox's ``tmp/``, make its data durable, hard-link it
     into the other mailboxes' ``new/``, rename it into the first one's ``new/``, fsync those
-    ``new/`` folders; return the final paths. *quarantine*: into each mailbox's ``Quarantine``
+    ``new/`` folders (no batch follows to carry the entries); return the final paths. *quarantine*: into each mailbox's ``Quarantine``
     folder instead. *batch*: see :meth:`Commit.write`."""
     def stager(commit: Commit):
         finals, folders = stage(commit, root, mailboxes, header, message, hostname, quarantine,
@@ -467,14 +467,14 @@ def commit_group(stagers: Sequence[Callable[[Commit], tuple[T, list[str], list[s
     """Store a batch. Each of *stagers* writes its files through the :class:`Commit` it is
     given and returns ``(result, final paths, folders whose entries must be made durable)``.
     Then the data of every file is made durable (one flush per file system, or fsync per file),
-    each stager's files are published (renamed or linked into place), and the entries of every
-    folder named are made durable once for all. Per stager: its result once all of that is
+    each stager's files are published (renamed or linked into place), and every folder named is
+    fsynced once for all. Per stager: its result once all of that is
     done for its files, or the exception that failed it, after its files were removed. One
     failure fails only the stagers concerned. (:class:`Group` does it in steps, so that the
     delivery batcher can overlap consecutive batches.)"""
     group = Group(stagers)
     group.flush_data()
-    group.publish()
+    group.publish(carry=False)  # no next batch to share a flush with: fsync the folders
     group.flush_entries()
     return group.outcomes
 
@@ -491,11 +491,15 @@ class Group:
     flush per batch instead of two. Folders elsewhere are fsynced during :meth:`publish`.
     """
 
-    def __init__(self, stagers: Sequence[Callable[[Commit], tuple[T, list[str], list[str]]]]):
+    def __init__(self, stagers: Sequence[Callable[[Commit], tuple[T, list[str], list[str]]]],
+                 between: Callable[[], None] | None = None):
+        """Write: run *stagers*, calling *between* (if given) before each."""
         self.commit = commit = Commit()
         self.outcomes: list = []
         self._works: list[_Work | None] = []
         for stager in stagers:
+            if between is not None:
+                between()
             work = commit.begin()
             try:
                 result, work.files, work.touched = stager(commit)
@@ -527,11 +531,19 @@ class Group:
             except BaseException as exc:
                 self._flushed[syncer] = exc
 
-    def publish(self) -> None:
+    @property
+    def carried(self) -> bool:
+        """Whether published entries wait for a flush of their file system (else they are
+        durable once :meth:`publish` returns, and :meth:`flush_entries` only settles)."""
+        return bool(self._entry_marks)
+
+    def publish(self, carry: bool = True) -> None:
         """Publish each stager's files whose data is durable; fsync the folders whose entries
-        no file system flush will carry; note where the others' flushes stand."""
+        no file system flush will carry (every folder unless *carry*); note where the others'
+        flushes stand."""
         flushed = self._flushed
-        batched: set[FileSystemSync] = set()  # file systems whose flush carried data here
+        # folder -> the file systems that flushed the data of every stager publishing there
+        batched: dict[str, set[FileSystemSync]] = {}
         for i, work in enumerate(self._works):
             if work is None:
                 continue
@@ -547,15 +559,18 @@ class Group:
             if error is not None:
                 self._fail(i, error, [*work.files, *work.temporary])
                 continue
-            batched |= work.file_systems
             for folder in work.touched:
                 self._folder_errors[folder] = None
+                mine = batched.setdefault(folder, set(work.file_systems))
+                mine &= work.file_systems
         for folder in self._folder_errors:
             try:
-                # Only where this batch flushes data per file system: delivery.sync = "file"
-                # keeps syncfs off a file system shared with heavy writers.
-                carrier = _file_systems.get(os.stat(folder).st_dev) if batched else None
-                if carrier not in batched:
+                # Only where every stager there had its data flushed per file system:
+                # delivery.sync = "file" keeps syncfs off a file system with heavy writers.
+                carrier = None
+                if carry and batched[folder]:
+                    carrier = _file_systems.get(os.stat(folder).st_dev)
+                if carrier not in batched[folder]:
                     carrier = None
                     sync_dir(folder)
                 self._carriers[folder] = carrier
@@ -564,7 +579,8 @@ class Group:
                 self._folder_errors[folder] = exc
         for carrier in set(self._carriers.values()):
             if carrier is not None:  # once every entry is in place
-                self._entry_marks[carrier] = (carrier.mark(), carrier.started())
+                # Failures count from before the data was written, as for the data.
+                self._entry_marks[carrier] = (self.commit.marks[carrier], carrier.started())
 
     def flush_entries(self) -> None:
         """Wait for the file system flushes that carry the published entries (starting one if
@@ -576,6 +592,7 @@ class Group:
                 for folder, its_carrier in self._carriers.items():
                     if its_carrier is carrier and self._folder_errors[folder] is None:
                         self._folder_errors[folder] = exc
+        self._entry_marks = {}
         for i, work in enumerate(self._works):
             if work is None:
                 continue
@@ -584,12 +601,18 @@ class Group:
             if error is not None:
                 self._fail(i, error, work.files)
 
+    def abandon(self, error: BaseException) -> None:
+        """Fail every stager still standing and remove its files (after a bug in a step)."""
+        for i, work in enumerate(self._works):
+            if work is not None:
+                self._fail(i, error, [*work.files, *work.temporary])
+
 
 def stage(commit: Commit, root: str | Path, mailboxes: list[tuple[str, str]], header: bytes,
           message, hostname: str, quarantine: bool = False, batch: bool = True
           ) -> tuple[list[str], list[str]]:
     """Write the message for *mailboxes* through *commit* (see :func:`place`): the final paths
-    and the ``new/`` folders whose entries must be fsynced once it is published."""
+    and the ``new/`` folders whose entries must be made durable once it is published."""
     boxes = [mailbox_path(root, domain, local) for domain, local in mailboxes]
     if quarantine:
         boxes = [box + "/" + QUARANTINE for box in boxes]

@@ -7,6 +7,7 @@ import asyncio
 import os
 import smtplib
 import threading
+import time
 
 import pytest
 
@@ -29,11 +30,11 @@ def stager(root, local: str, text: str, batch: bool = True):
     return run
 
 
-def held_stager(root, release: threading.Event):
+def held_stager(root, release: threading.Event, batch: bool = True):
     """A stager that waits for *release* (a batch stuck on the disk), then stores "first"."""
     def run(commit):
         release.wait(10)
-        return stager(root, "a", "first")(commit)
+        return stager(root, "a", "first", batch)(commit)
     return run
 
 
@@ -68,9 +69,9 @@ def record_batches(monkeypatch) -> list[int]:
     groups: list[int] = []
 
     class CountingGroup(maildir.Group):
-        def __init__(self, stagers):
+        def __init__(self, stagers, *args):
             groups.append(len(stagers))
-            super().__init__(stagers)
+            super().__init__(stagers, *args)
 
     monkeypatch.setattr(batch, "Group", CountingGroup)
     return groups
@@ -316,3 +317,35 @@ def test_the_next_batchs_data_flush_carries_the_previous_batchs_entries(tmp_path
     assert entry_was_flushed(first[0], flushes[1:2]) and not entry_was_flushed(first[0], flushes[:1])
     assert all(entry_was_flushed(p[0], flushes[2:]) for p in later)
     assert not any(entry_was_flushed(p[0], flushes[:2]) for p in later)
+
+
+@pytest.mark.parametrize("case", ["slow next batch", "big next batch", "file mode"])
+def test_a_batch_is_not_held_back_by_the_next_ones_writes(tmp_path, case):
+    # The next batch's second message is written only once the first batch was answered: if
+    # the first batch waited for the whole next batch's writes, this would never end.
+    first_answered = threading.Event()
+    release = threading.Event()
+
+    def sleeper(commit):
+        time.sleep(0.2)  # longer than STALL_SECONDS
+        return stager(tmp_path, "b", "slow")(commit)
+
+    def gated(commit):
+        assert first_answered.wait(10), "the first batch was held back"
+        return stager(tmp_path, "b", "gated")(commit)
+
+    async def main():
+        batcher = batch.DeliveryBatcher(asyncio.get_running_loop(), parallel=1)
+        batcher.STALL_SECONDS = 0.05
+        first = batcher.submit(held_stager(tmp_path, release, batch=case != "file mode"), "q0")
+        first.add_done_callback(lambda _: first_answered.set())
+        await asyncio.sleep(0.05)  # the first batch is in its thread, waiting
+        later = []
+        if case == "slow next batch":
+            later.append(batcher.submit(sleeper, "q1"))
+        later.append(batcher.submit(gated, "q2", size=(2 << 20) if case == "big next batch" else 0))
+        release.set()
+        return await asyncio.wait_for(asyncio.gather(first, *later), 20)
+
+    results = asyncio.run(main())
+    assert all(os.path.exists(finals[0]) for finals in results)

@@ -92,19 +92,25 @@ CONFIG = {"directory": {"domains": ["example.test"], "users": [
 
 def test_every_250_comes_after_an_fsync_that_covered_the_message(ingress_inprocess_server,
                                                                  monkeypatch):
-    """Concurrent sessions deliver into the same two mailboxes. Each directory fsync records
-    which entries existed when it started; a message's 250 may only be seen once one of them
-    included it. Nothing is lost or stored twice."""
+    """Concurrent sessions deliver into the same two mailboxes. Each directory fsync, and each
+    flush of the file system, records which entries existed when it started; a message's 250
+    may only be seen once one of them included it. Nothing is lost or stored twice."""
     covered: set[str] = set()
-    real = maildir.fsync_dir
+    real_fsync, real_syncfs = maildir.fsync_dir, maildir.syncfs
 
     def recording_fsync(path):
         present = set(os.listdir(path)) if os.path.basename(path) == "new" else set()
-        real(path)
+        real_fsync(path)
         covered.update(present)
 
-    monkeypatch.setattr(maildir, "fsync_dir", recording_fsync)
+    def recording_syncfs(fd):
+        present = {p.name for p in server.maildir.glob("*/*/new/*")}
+        real_syncfs(fd)
+        covered.update(present)
+
     server = ingress_inprocess_server(CONFIG)
+    monkeypatch.setattr(maildir, "fsync_dir", recording_fsync)
+    monkeypatch.setattr(maildir, "syncfs", recording_syncfs)
     problems = []
 
     def sender(i):
