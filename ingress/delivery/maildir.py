@@ -449,8 +449,9 @@ def deliver(root: str | Path, mailboxes: list[tuple[str, str]], header: bytes, m
             hostname: str, quarantine: bool = False, batch: bool = True) -> list[str]:
     """Write one copy into the first mailbox's ``tmp/``, make its data durable, hard-link it
     into the other mailboxes' ``new/``, rename it into the first one's ``new/``, fsync those
-    ``new/`` folders (no batch follows to carry the entries); return the final paths. *quarantine*: into each mailbox's ``Quarantine``
-    folder instead. *batch*: see :meth:`Commit.write`."""
+    ``new/`` folders (no batch follows to carry the entries); return the final paths.
+    *quarantine*: into each mailbox's ``Quarantine`` folder instead. *batch*: see
+    :meth:`Commit.write`."""
     def stager(commit: Commit):
         finals, folders = stage(commit, root, mailboxes, header, message, hostname, quarantine,
                                 batch)

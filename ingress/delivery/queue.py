@@ -43,7 +43,8 @@ def stage(commit: Commit, root: Path, queue_id: str, header: bytes, message, env
           batch: bool = True) -> list[str]:
     """Write the entry's ``.eml`` and ``.json`` in ``tmp/`` through *commit*; once their data
     is durable they are renamed into place, the ``.json`` last (its presence marks a complete
-    entry). The final paths; the caller makes the entries in *root* durable (``maildir.Group`` does)."""
+    entry). The final paths; the caller makes the entries in *root* durable
+    (``maildir.Group`` does)."""
     tmpdir = root / "tmp"
     tmpdir.mkdir(parents=True, exist_ok=True)
     eml_tmp, json_tmp = str(tmpdir / f"{queue_id}.eml"), str(tmpdir / f"{queue_id}.json")

@@ -314,7 +314,8 @@ def test_the_next_batchs_data_flush_carries_the_previous_batchs_entries(tmp_path
     assert tmp_at_flush == [1, 3, 0]
     # the second flush started with the first batch's entry in new/ and the second's data in
     # tmp/: it made both durable; the third carried the second batch's entries
-    assert entry_was_flushed(first[0], flushes[1:2]) and not entry_was_flushed(first[0], flushes[:1])
+    assert entry_was_flushed(first[0], flushes[1:2])
+    assert not entry_was_flushed(first[0], flushes[:1])
     assert all(entry_was_flushed(p[0], flushes[2:]) for p in later)
     assert not any(entry_was_flushed(p[0], flushes[:2]) for p in later)
 
