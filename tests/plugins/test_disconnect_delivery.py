@@ -116,7 +116,11 @@ OFF_CASES = [(client, how) for client in CLIENTS for how in HOWS if (client, how
 @pytest.mark.parametrize("client,how", OFF_CASES)
 @pytest.mark.parametrize("enabled,disabled", [(False, ()), (True, ("disconnect_delivery",))])
 def test_off_discards_the_message(ingress_server, client, how, enabled, disabled):
-    server = ingress_server(config(enabled), disabled=disabled)
+    # A content filter's pause before the decision: the client's end of stream is in by then
+    # (without it, a busy machine may deliver the FIN after the server decided).
+    slowed = config(enabled)
+    slowed["server"] = {"plugin_modules": ["slow_data"]}
+    server = ingress_server(slowed, disabled=disabled)
     CLIENTS[client](server, b"rude", how)
     wait_for_log(server, r"client gone before storing: discarded")
     settle(server)
