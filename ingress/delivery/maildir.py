@@ -469,10 +469,10 @@ def commit_group(stagers: Sequence[Callable[[Commit], tuple[T, list[str], list[s
     given and returns ``(result, final paths, folders whose entries must be made durable)``.
     Then the data of every file is made durable (one flush per file system, or fsync per file),
     each stager's files are published (renamed or linked into place), and every folder named is
-    fsynced once for all. Per stager: its result once all of that is
-    done for its files, or the exception that failed it, after its files were removed. One
-    failure fails only the stagers concerned. (:class:`Group` does it in steps, so that the
-    delivery batcher can overlap consecutive batches.)"""
+    fsynced once for all. Per stager: its result once all of that is done for its files, or the
+    exception that failed it, after its files were removed. One failure fails only the stagers
+    concerned. (:class:`Group` does it in steps, so that the delivery batcher can overlap
+    consecutive batches.)"""
     group = Group(stagers)
     group.flush_data()
     group.publish(carry=False)  # no next batch to share a flush with: fsync the folders
