@@ -140,11 +140,8 @@ def store(session, transaction, message, *, generated: bool = False) -> Delivere
 
     *generated*: the message was written by this server (a DSN), not received from the client.
     """
-    outcome = maildir.commit_group(
-        [lambda commit: stage(session, transaction, message, commit, generated)])[0]
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
+    return maildir.commit_one(partial(stage, session, transaction, message,
+                                      generated=generated))
 
 
 def stage(session, transaction, message, commit: maildir.Commit, generated: bool = False

@@ -195,11 +195,9 @@ class DeliveryBatcher:
                 settle()
                 if group is not None:
                     group.publish()
-                    if group.carried:
-                        pending = (waiters, group, time.monotonic())
-                    else:  # its entries were fsynced folder by folder
-                        group.flush_entries()
-                        self._answer(waiters, group.outcomes)
+                    pending = (waiters, group, time.monotonic())
+                    if not group.carried:  # its entries were fsynced folder by folder
+                        settle()
             except BaseException as exc:  # Group hands errors back; this is a bug
                 if group is not None and (pending is None or pending[1] is not group):
                     group.abandon(exc)

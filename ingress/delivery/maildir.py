@@ -457,6 +457,12 @@ def deliver(root: str | Path, mailboxes: list[tuple[str, str]], header: bytes, m
                                 batch)
         return finals, finals, folders
 
+    return commit_one(stager)
+
+
+def commit_one(stager: Callable[[Commit], tuple[T, list[str], list[str]]]) -> T:
+    """:func:`commit_group` of a single stager: its result, or the exception that failed it
+    raised."""
     outcome = commit_group([stager])[0]
     if isinstance(outcome, BaseException):
         raise outcome
