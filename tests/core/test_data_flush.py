@@ -10,27 +10,9 @@ import stat
 import threading
 
 import pytest
+from staging import Body, needs_syncfs, stager
 
 from ingress.delivery import maildir
-
-needs_syncfs = pytest.mark.skipif(not maildir.FILE_SYSTEM_FLUSH,
-                                  reason="syncfs reports write-back errors on Linux 5.8+ only")
-
-
-class Body:
-    def __init__(self, text: str):
-        self.data = f"Subject: {text}\r\n\r\nbody\r\n".encode()
-
-    def getvalue(self) -> bytes:
-        return self.data
-
-
-def stager(root, local: str, text: str, batch: bool = True):
-    def run(commit):
-        finals, folders = maildir.stage(commit, root, [("example.test", local)], b"", Body(text),
-                                        "mx", batch=batch)
-        return finals, finals, folders
-    return run
 
 
 def names(root, folder: str) -> list[str]:

@@ -10,24 +10,9 @@ import threading
 import time
 
 import pytest
+from staging import Body, needs_syncfs, stager
 
 from ingress.delivery import batch, maildir
-
-
-class Body:
-    def __init__(self, text: str):
-        self.data = f"Subject: {text}\r\n\r\nbody\r\n".encode()
-
-    def getvalue(self) -> bytes:
-        return self.data
-
-
-def stager(root, local: str, text: str, batch: bool = True):
-    def run(commit):
-        finals, folders = maildir.stage(commit, root, [("example.test", local)], b"", Body(text),
-                                        "mx", batch=batch)
-        return finals, finals, folders
-    return run
 
 
 def held_stager(root, release: threading.Event, batch: bool = True):
@@ -286,7 +271,7 @@ def test_a_young_batch_holds_the_next_back_and_only_a_stalled_one_does_not(tmp_p
     assert all(len(finals) == 1 and os.path.exists(finals[0]) for finals in results)
 
 
-@pytest.mark.skipif(not maildir.FILE_SYSTEM_FLUSH, reason="needs a syncfs that reports errors")
+@needs_syncfs
 def test_the_next_batchs_data_flush_carries_the_previous_batchs_entries(tmp_path, monkeypatch):
     flushes = record_entry_flushes(monkeypatch, tmp_path)
     tmp_at_flush: list[int] = []
