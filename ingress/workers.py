@@ -16,7 +16,8 @@ kernel spreads new connections over them. The parent only supervises:
 Limits stay global: each worker writes its number of open connections into its slot of a shared
 array, and ``Server.connections`` is the sum; likewise its connections per key
 (``session.count_concurrent``) into its region of a shared table (:mod:`ingress.keycounts`).
-Metrics: prometheus_client multiprocess mode, with worker 0 serving ``/metrics`` for all.
+Metrics: prometheus_client multiprocess mode (its files in shared memory where there is some),
+with worker 0 serving ``/metrics`` for all.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ingress.keycounts import clear_region, shared_table
 log = logging.getLogger("ingress.workers")
 
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+RAM_FOLDER = "/dev/shm"  # tmpfs on Linux
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 QUICK_DEATH = 5.0  # a worker dying sooner than this after its start counts as a failed start
 FAILED_STARTS = 5  # consecutive failed starts after which the parent gives up
@@ -62,12 +64,22 @@ def wanted(path: str | None) -> int:
     return value if type(value) is int and value > 1 else 1
 
 
+def metrics_parent_folder() -> str | None:
+    """Where the workers' metric files go: the shared-memory folder when there is one we may
+    write to, else the temporary folder (None). Each count writes into a file mapped in memory;
+    on a disk, every ``syncfs`` of the delivery (often the same file system) would write those
+    pages back and make them read-only again, so the next count pays a page fault."""
+    if os.path.isdir(RAM_FOLDER) and os.access(RAM_FOLDER, os.W_OK | os.X_OK):
+        return RAM_FOLDER
+    return None
+
+
 def use_multiprocess_metrics() -> str:
     """Put prometheus_client into multiprocess mode with a fresh private folder. Must run before
     prometheus_client is first imported (it reads the variable at import)."""
     if "prometheus_client" in sys.modules:
         raise RuntimeError("prometheus_client was imported before multiprocess mode was set")
-    path = tempfile.mkdtemp(prefix="ingress-metrics-")
+    path = tempfile.mkdtemp(prefix="ingress-metrics-", dir=metrics_parent_folder())
     os.environ[METRICS_ENV] = path
     return path
 

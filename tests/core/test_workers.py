@@ -201,6 +201,28 @@ def test_metrics_are_served_once_for_all_workers(ingress_server):
     assert metrics[("ingress_open_connections", ())] == 1
 
 
+def file_system_type(path: str) -> str:
+    mounts = [p for p in psutil.disk_partitions(all=True)
+              if path == p.mountpoint or path.startswith(p.mountpoint.rstrip("/") + "/")]
+    return max(mounts, key=lambda p: len(p.mountpoint)).fstype
+
+
+@pytest.mark.skipif(not os.access("/dev/shm", os.W_OK | os.X_OK), reason="no /dev/shm here")
+def test_metric_files_live_in_shared_memory_and_go_at_exit(ingress_server):
+    # Not beside the Maildir on a disk: each syncfs of the delivery would write them back.
+    server = ingress_server({**COUNTING, "server": {**COUNTING["server"],
+                                                   "metrics_listen": "127.0.0.1:0"}})
+    with server.smtp() as client:
+        client.sendmail("s@example.org", ["alice@example.test"], "Subject: 1\r\n\r\nx\r\n")
+    mapped = {m.path for worker in psutil.Process(server.process.pid).children()
+              for m in worker.memory_maps() if "/ingress-metrics-" in m.path}
+    folder = os.path.dirname(min(mapped))
+    assert os.path.dirname(folder) == "/dev/shm" and file_system_type(folder) == "tmpfs"
+    assert any(name.endswith(".db") for name in os.listdir(folder))
+    assert server.stop() == 0
+    assert not os.path.exists(folder)
+
+
 def test_a_taken_port_is_an_error_before_any_worker_starts(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
