@@ -10,10 +10,14 @@ with ``server.workers = 2``), ``baseline`` (bench/baseline.py: bare aiosmtpd wri
 Maildir with the same fsyncs), ``sink`` (Postfix smtp-sink: stores nothing; the ceiling of the
 client on this machine), and the peer users compare us with: ``haraka`` (Haraka with one worker
 process, ``nodes=1``) and ``haraka-2n`` (``nodes=2``), both discarding what they accept
-(bench/haraka.py installs and configures them). Clients: ``smtp-source`` (Postfix) and
-``asyncio`` (bench/client.py). Every run also measures the server's CPU time per message: user
-plus system time of its whole process tree over the client's run, divided by the acknowledged
-messages.
+(bench/haraka.py installs and configures them); and ``ingress-pair``: two independent
+one-process ingress servers on two ports, each driven by its own smtp-source with half the
+sessions, with nothing shared (no common port, Maildir, metrics or tables): what two ingress
+processes get out of this machine, the bound for ``ingress-2w``. Clients: ``smtp-source``
+(Postfix) and ``asyncio`` (bench/client.py). Every run also measures the server's CPU time
+per message (user plus system time of its whole process tree over the client's run, divided by
+the acknowledged messages) and the share of all CPUs busy meanwhile (``machine busy``: the
+server, the client and the kernel).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,7 +46,8 @@ SMTP_SOURCE = common.SMTP_SOURCE
 SMTP_SINK = "/usr/sbin/smtp-sink"
 DOMAIN = "bench.test"
 USERS = 4
-SERVERS = ("ingress", "ingress-2w", "baseline", "sink", "haraka", "haraka-2n", "ingress-before")
+SERVERS = ("ingress", "ingress-2w", "baseline", "sink", "haraka", "haraka-2n", "ingress-before",
+           "ingress-pair")
 # the interpreter of another installation of ingress (--before), run as server ingress-before
 BEFORE_PYTHON: str | None = None
 # what the table compares each ingress row with (msgs/s and CPU per message)
@@ -94,17 +100,23 @@ def peak_rss_kb(pid: int) -> int:
     return total
 
 
-def cpu_busy(seconds: float = 0.5) -> float:
-    """Share of all CPUs busy during *seconds* (from /proc/stat). Measured while the harness
-    only sleeps, it is the load of other programs."""
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+def cpu_times() -> tuple[int, int]:
+    """(all, idle + iowait) CPU time of the machine so far, in ticks, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(fields), fields[3] + fields[4]
 
-    total0, idle0 = sample()
+
+def busy_between(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of all CPUs busy between two :func:`cpu_times` readings."""
+    return 1 - (after[1] - before[1]) / max(after[0] - before[0], 1)
+
+
+def cpu_busy(seconds: float = 0.5) -> float:
+    """Share of all CPUs busy during *seconds*. Measured while the harness only sleeps, it is
+    the load of other programs."""
+    before = cpu_times()
     time.sleep(seconds)
-    total1, idle1 = sample()
-    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+    return busy_between(before, cpu_times())
 
 
 def wait_quiet(below: float | None, patience: float) -> float:
@@ -130,6 +142,11 @@ class Server:
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.log = workdir / f"{kind}.log"
+        self.parts: list[Server] = []  # ingress-pair: its two servers
+
+    @property
+    def ports(self) -> list[int]:
+        return [part.port for part in self.parts] or [self.port]
 
     def _spawn(self, argv: list[str], ready_prefix: str | None) -> None:
         with open(self.log, "wb") as log:
@@ -150,6 +167,11 @@ class Server:
         raise RuntimeError(f"{self.kind} did not get ready in 60s")
 
     def start(self) -> None:
+        if self.kind == "ingress-pair":
+            self.parts = [Server("ingress", self.workdir / half, self.uvloop) for half in "ab"]
+            for part in self.parts:
+                part.start()
+            return
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.maildir.mkdir()
         no_uvloop = [] if self.uvloop else ["--no-uvloop"]
@@ -192,12 +214,15 @@ class Server:
             raise ValueError(self.kind)
 
     def reset_peak_rss(self) -> None:
-        reset_peak_rss(self.process.pid)
+        for part in self.parts or [self]:
+            reset_peak_rss(part.process.pid)
 
     def peak_rss_kb(self) -> int:
-        return peak_rss_kb(self.process.pid)
+        return sum(peak_rss_kb(part.process.pid) for part in self.parts or [self])
 
     def stop(self) -> None:
+        for part in self.parts:
+            part.stop()
         if self.process is None or self.process.poll() is not None:
             return
         common.stop(self.process)
@@ -205,11 +230,13 @@ class Server:
             self.process.stdout.close()
 
     def cpu_seconds(self) -> float:
-        return common.tree_cpu_seconds(self.process.pid)
+        return sum(common.tree_cpu_seconds(part.process.pid) for part in self.parts or [self])
 
     def stored(self) -> int | None:
         if self.kind == "sink" or self.kind.startswith("haraka"):
             return None
+        if self.parts:
+            return sum(part.stored() for part in self.parts)
         return sum(1 for _ in self.maildir.glob("*/*/new/*"))
 
 
@@ -243,17 +270,42 @@ class Workload:
         return f"{self.size // 1024}KB {per} x{self.sessions}"
 
 
-def run_client(client: str, port: int, work: Workload, workdir: Path, uvloop: bool) -> dict:
+def smtp_source_runs(ports: list[int], work: Workload) -> list[tuple[int, dict]]:
+    """smtp-source against each port at once, the sessions and messages shared out evenly;
+    (messages asked for, result) per port."""
+    n = len(ports)
+    shares = [(work.sessions // n, work.messages // n + (i < work.messages % n))
+              for i in range(n)]
+    runs: list[tuple[int, dict]] = [(messages, {}) for _, messages in shares]
+
+    def run(i: int) -> None:
+        sessions, messages = shares[i]
+        runs[i][1].update(common.smtp_source(
+            ports[i], sessions=sessions, messages=messages, size=work.size,
+            to=f"user0@{DOMAIN}", many=work.mode == "many", timeout=RUN_TIMEOUT))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return runs
+
+
+def run_client(client: str, ports: list[int], work: Workload, workdir: Path,
+               uvloop: bool) -> dict:
     if client == "smtp-source":
-        done = common.smtp_source(port, sessions=work.sessions, messages=work.messages,
-                                  size=work.size, to=f"user0@{DOMAIN}", many=work.mode == "many",
-                                  timeout=RUN_TIMEOUT)
-        acked, elapsed = done["acked"], done["elapsed"]
+        runs = smtp_source_runs(ports, work)
+        acked = sum(done["acked"] for _, done in runs)
+        elapsed = max(done["elapsed"] for _, done in runs)
         # smtp-source stops at the first unexpected reply; what it counted was acknowledged.
-        failed = work.messages - acked if done["returncode"] else 0
+        failed = sum(asked - done["acked"] for asked, done in runs if done["returncode"])
+        errors = {done["stderr"][-200:]: 1 for _, done in runs if done["returncode"]}
         return {"acked": acked, "failed": failed, "elapsed": elapsed,
-                "rate": acked / elapsed, "p50_ms": None, "p99_ms": None,
-                "errors": {done["stderr"][-200:]: 1} if failed else {}}
+                "rate": acked / elapsed, "p50_ms": None, "p99_ms": None, "errors": errors}
+    if len(ports) > 1:
+        raise ValueError("the asyncio client drives one port")
+    port = ports[0]
     acked_file = workdir / "acked.txt"
     argv = [sys.executable, str(HERE / "client.py"), "--port", str(port),
             "--messages", str(work.messages), "--sessions", str(work.sessions),
@@ -309,6 +361,7 @@ class Row:
     check: str
     runs: int
     busy: float  # other programs' share of the CPUs just before the runs (median)
+    machine: float | None  # share of all CPUs busy during the runs: server, client, kernel
 
 
 def one_run(kind: str, client: str, work: Workload, root: Path, uvloop: bool,
@@ -320,7 +373,9 @@ def one_run(kind: str, client: str, work: Workload, root: Path, uvloop: bool,
         server.start()
         server.reset_peak_rss()
         cpu_before = server.cpu_seconds()
-        result = run_client(client, server.port, work, workdir, uvloop)
+        times = cpu_times()
+        result = run_client(client, server.ports, work, workdir, uvloop)
+        result["machine"] = busy_between(times, cpu_times())
         cpu = server.cpu_seconds() - cpu_before
         result["cpu_us"] = 1e6 * cpu / result["acked"] if result["acked"] else None
         result["rss_kb"] = server.peak_rss_kb()
@@ -345,7 +400,7 @@ def median_row(kind: str, client: str, work: Workload, results: list[dict]) -> R
     return Row(client, work.label, kind, med("rate"), med("p50_ms"), med("p99_ms"),
                med("rss_kb") / 1024, med("cpu_us"), sum(r["acked"] for r in results),
                sum(r["failed"] for r in results), ", ".join(checks), len(results),
-               med("busy"))
+               med("busy"), med("machine"))
 
 
 def big_message(kind: str, megabytes: int, root: Path, uvloop: bool) -> dict:
@@ -368,10 +423,11 @@ def table(rows: list[Row]) -> str:
     by = {(r.client, r.workload, r.server): r for r in rows}
     head = ("| client | workload | server | msgs/s | p50 ms | p99 ms | CPU µs/msg | peak RSS MB | "
             "acked | failed | stored = acked | vs baseline | vs ceiling | vs 1 worker | "
-            "vs Haraka | CPU vs Haraka | other load |")
+            "vs Haraka | CPU vs Haraka | machine busy | other load |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        single = by.get((r.client, r.workload, "ingress")) if r.server == "ingress-2w" else None
+        single = by.get((r.client, r.workload, "ingress")) if r.server in (
+            "ingress-2w", "ingress-pair") else None
         peer = by.get((r.client, r.workload, PEERS.get(r.server, "")))
         out.append(
             f"| {r.client} | {r.workload} | {r.server} | {fmt(r.rate)} | {fmt(r.p50_ms, 1)} | "
@@ -379,7 +435,8 @@ def table(rows: list[Row]) -> str:
             f"{r.failed} | {r.check} | "
             f"{ratio(r, by.get((r.client, r.workload, 'baseline')))} | "
             f"{ratio(r, by.get((r.client, r.workload, 'sink')))} | {ratio(r, single)} | "
-            f"{ratio(r, peer)} | {ratio(r, peer, 'cpu_us')} | {r.busy:.0%} |")
+            f"{ratio(r, peer)} | {ratio(r, peer, 'cpu_us')} | "
+            f"{'-' if r.machine is None else format(r.machine, '.0%')} | {r.busy:.0%} |")
     return "\n".join(out)
 
 
@@ -393,6 +450,9 @@ def summary(rows: list[Row]) -> str:
     pairs = {"ingress / baseline": ("ingress", "baseline", "rate"),
              "ingress / ceiling (smtp-sink)": ("ingress", "sink", "rate"),
              "ingress 2 workers / ingress": ("ingress-2w", "ingress", "rate"),
+             "two independent ingress processes / ingress": ("ingress-pair", "ingress", "rate"),
+             "ingress 2 workers / two independent processes": ("ingress-2w", "ingress-pair",
+                                                               "rate"),
              "ingress / ingress before (--before)": ("ingress", "ingress-before", "rate"),
              "CPU per message: ingress / ingress before": ("ingress", "ingress-before", "cpu_us"),
              "ingress 2 workers / baseline": ("ingress-2w", "baseline", "rate"),
@@ -477,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in clients:
         if name not in CLIENTS:
             raise SystemExit(f"unknown client {name!r}; choose from {', '.join(CLIENTS)}")
+    if "ingress-pair" in servers and clients != ["smtp-source"]:
+        raise SystemExit("server ingress-pair runs with --clients smtp-source only")
     needed = [SMTP_SOURCE] * ("smtp-source" in clients) + [SMTP_SINK] * ("sink" in servers)
     for tool in needed:
         if not os.access(tool, os.X_OK):
