@@ -17,6 +17,9 @@ MAX_RECIPIENTS = 1000
 BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _PARAM_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
+# xtext: "!" to "~" except "+" and "=", or "+" and two upper-case hex digits.
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*\Z")
+_XTEXT_HEXCHAR = re.compile(r"\+([0-9A-F]{2})")
 
 
 def split_command(line: bytes) -> tuple[str, str | None]:
@@ -88,6 +91,14 @@ def parse_params(text: str) -> tuple[dict[str, str | None], str | None]:
             return params, f"Duplicate parameter {key}"
         params[key] = value if eq else None
     return params, None
+
+
+def xtext_decode(value: str) -> str | None:
+    """The text an xtext (RFC 3461 4: ENVID, ORCPT, AUTH=) stands for, or ``None`` if *value*
+    is not valid xtext."""
+    if not _XTEXT.match(value):
+        return None
+    return _XTEXT_HEXCHAR.sub(lambda m: chr(int(m.group(1), 16)), value)
 
 
 def bdat_size(arg: str) -> tuple[int, bool] | None:

@@ -6,6 +6,10 @@ switched off "for non-SSL" is not advertised on a plaintext session and answers 
 there; after STARTTLS and on implicit TLS every mechanism is offered. CRAM-MD5 needs plaintext
 passwords, so it is offered only when some user has one.
 
+MAIL FROM's ``AUTH=`` parameter (RFC 4954 5: ``<>`` or an xtext mailbox, which relays such as
+Dovecot's submission service send) is accepted and checked for syntax, and never trusted: what
+the message counts as submitted by is the session's own login, nothing a client asserts.
+
 Every PLAIN/LOGIN attempt costs one slow hash verification, known user or not
 (:meth:`ingress.directory.Directory.verify_password`). Checks run on a thread pool of their own
 (:class:`CheckPool`), at most one per CPU at once: an AUTH flood queues behind it instead of
@@ -32,8 +36,10 @@ from prometheus_client import Counter, Gauge
 
 import ingress_schemas
 from ingress import Reply, hookimpl
+from ingress.addresses import valid_address
 from ingress.auth import AuthSyntaxError, Mechanism
 from ingress.metrics import REGISTRY
+from ingress.syntax import xtext_decode
 
 SWITCHES = {
     "PLAIN": "disable_plain_without_tls",
@@ -281,4 +287,20 @@ def auth_mechanisms(session, settings):
 def on_auth(session, mechanism, settings):
     if mechanism in SWITCHES and _gated(session, settings, mechanism):
         return ENCRYPTION_REQUIRED
+    return None
+
+
+@hookimpl
+def esmtp_parameters(verb):
+    return ["AUTH"] if verb == "MAIL" else []
+
+
+@hookimpl
+def on_mail_from(transaction):
+    value = transaction.mail_params.get("AUTH", "<>")
+    if value == "<>":
+        return None
+    mailbox = xtext_decode(value or "")
+    if not mailbox or not valid_address(mailbox):
+        return Reply(501, "5.5.4", "Malformed AUTH parameter: not <> or an xtext mailbox")
     return None

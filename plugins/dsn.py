@@ -3,8 +3,8 @@ and success DSNs (RFC 3464) for local deliveries.
 
 The parameters stay in ``transaction.mail_params`` and each ``recipient.params`` as the client
 gave them, except that the keywords of RET and NOTIFY are upper-cased; ENVID and ORCPT stay
-xtext-encoded (what a relay passes on; :func:`xtext_decode` gives the text). The core writes
-them into the queue envelope.
+xtext-encoded (what a relay passes on; :func:`ingress.syntax.xtext_decode` gives the text).
+The core writes them into the queue envelope.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ingress.delivery import (
     trace_headers,
 )
 from ingress.session import new_id
+from ingress.syntax import xtext_decode
 
 log = logging.getLogger("ingress.dsn")
 
@@ -35,9 +36,6 @@ NOTIFY_VALUES = {"SUCCESS", "FAILURE", "DELAY"}
 ENVID_MAX = 100  # RFC 3461 4.4
 ORCPT_MAX = 500  # RFC 3461 4.2
 
-# xtext (RFC 3461 4): "!" to "~" except "+" and "=", or "+" and two upper-case hex digits.
-_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*\Z")
-_HEXCHAR = re.compile(r"\+([0-9A-F]{2})")
 _ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+\Z")
 _PRINTABLE = re.compile(r"[\x20-\x7e]*\Z")
 
@@ -45,13 +43,6 @@ _PRINTABLE = re.compile(r"[\x20-\x7e]*\Z")
 @hookimpl
 def config_schema():
     return ingress_schemas.load("dsn")
-
-
-def xtext_decode(value: str) -> str | None:
-    """The text an xtext stands for, or ``None`` if *value* is not valid xtext."""
-    if not _XTEXT.match(value):
-        return None
-    return _HEXCHAR.sub(lambda m: chr(int(m.group(1), 16)), value)
 
 
 def _malformed(name: str, why: str) -> Reply:

@@ -93,6 +93,30 @@ def test_defaults_on_plaintext_offer_only_cram_md5(ingress_server, disabled):
         assert client.login("alice@example.test", "alicepw")[0] == 235  # smtplib: CRAM-MD5
 
 
+@pytest.mark.parametrize("disabled", [(), ("auth",)])
+def test_mail_from_auth_parameter_is_accepted_when_well_formed(ingress_server, disabled):
+    """RFC 4954 5: ``AUTH=<>`` or an xtext mailbox on MAIL FROM (relays such as Dovecot's
+    submission service send it); checked for syntax, never trusted."""
+    server = ingress_server(config(), disabled=disabled)
+    with server.smtp() as client:
+        client.ehlo()
+        code, text = client.mail("bob@example.org", ["AUTH=<>"])
+        if disabled:
+            assert (code, text) == (555, b"5.5.4 MAIL parameter AUTH not supported")
+            return
+        assert code == 250, text
+        client.rset()
+        for value in ("alice@example.test", "b+2Bc@example.test"):
+            assert client.mail("bob@example.org", [f"AUTH={value}"])[0] == 250, value
+            client.rset()
+        for value in ("nobody", "a+2@example.test", "a+2b@example.test", ""):
+            code, text = client.mail("bob@example.org", [f"AUTH={value}"])
+            assert code == 501, (value, text)
+        assert not client.sendmail("bob@example.org", ["alice@example.test"],
+                                   b"Subject: relayed\r\n\r\nhi\r\n",
+                                   mail_options=["AUTH=<>"])
+
+
 @pytest.mark.parametrize("mechanism", ALL)
 def test_each_switch_hides_and_refuses_only_its_mechanism(ingress_server, mechanism):
     switches = {**open_switches(), SWITCH[mechanism]: True}

@@ -10,8 +10,9 @@ from email.utils import parsedate_to_datetime
 import pytest
 
 from ingress import hookimpl
+from ingress.syntax import xtext_decode
 from ingress.testing import eventually
-from ingress_plugins.dsn import parse_notify, parse_orcpt, xtext_decode
+from ingress_plugins.dsn import parse_notify, parse_orcpt
 
 DIRECTORY = {
     "domains": ["example.test"],
