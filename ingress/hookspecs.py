@@ -107,7 +107,9 @@ def ehlo_keywords(session: Session, settings: dict[str, Any], state: Store) -> l
     """Return extension keywords this plugin adds to the EHLO reply (a list of strings).
 
     :param session: the :class:`ingress.session.Session`.
-    All results are used, in dispatch order, after the core's own keywords.
+    All results are used, in dispatch order, after the core's own keywords. A plugin that
+    enforces a message size limit of its own may add ``SIZE <n>`` too: the client sees one
+    ``SIZE``, the smallest fixed limit of them all.
     """
 
 

@@ -31,6 +31,7 @@ from ingress.syntax import (
     BARE_CR_OR_LF,
     MAX_RECIPIENTS,
     bdat_size,
+    merge_size_keywords,
     parse_params,
     parse_path,
     query_argument,
@@ -342,7 +343,7 @@ class SMTPProtocol(Connection):
         mechanisms = [m.name for m in await self.auth_mechanisms() if m.advertised]
         if mechanisms:
             keywords.append("AUTH " + " ".join(mechanisms))
-        return keywords + added
+        return keywords + merge_size_keywords(added)
 
     async def auth_mechanisms(self) -> list:
         return [m for _, ms in await self.hooks.call("auth_mechanisms", session=self.session)

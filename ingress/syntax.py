@@ -101,6 +101,22 @@ def xtext_decode(value: str) -> str | None:
     return _XTEXT_HEXCHAR.sub(lambda m: chr(int(m.group(1), 16)), value)
 
 
+def merge_size_keywords(keywords: list[str]) -> list[str]:
+    """*keywords* with one ``SIZE`` where plugins gave several (each one enforces its own limit,
+    say the message size policy and a storage backend): the smallest fixed limit (RFC 1870:
+    ``SIZE 0`` or a bare ``SIZE`` means none), in the first one's place."""
+    sizes = [i for i, keyword in enumerate(keywords) if keyword[:4].upper() == "SIZE"
+             and (len(keyword) == 4 or keyword[4] == " ")]
+    if len(sizes) < 2:
+        return keywords
+    limits = [int(arg) for arg in (keywords[i][5:].strip() for i in sizes)
+              if arg.isascii() and arg.isdigit() and int(arg) > 0]
+    merged = f"SIZE {min(limits)}" if limits else "SIZE"
+    out = [keyword for i, keyword in enumerate(keywords) if i not in sizes[1:]]
+    out[sizes[0]] = merged
+    return out
+
+
 def bdat_size(arg: str) -> tuple[int, bool] | None:
     """``BDAT`` arguments as (octets, last), or None when they are not ``<digits> [LAST]``."""
     words = [word for word in arg.split(" ") if word]

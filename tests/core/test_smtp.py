@@ -10,6 +10,7 @@ import smtplib
 import aiosmtplib
 import pytest
 
+from ingress.syntax import merge_size_keywords
 from ingress.testing import SMTPRaw
 
 LOCAL = {
@@ -65,6 +66,25 @@ def test_ehlo_advertises_core_extensions(server):
         for keyword in ("pipelining", "8bitmime", "enhancedstatuscodes", "size"):
             assert client.has_extn(keyword), keyword
         assert not client.has_extn("starttls"), "no certificate configured"
+
+
+def test_a_plugins_smaller_size_limit_is_the_one_advertised(ingress_server):
+    server = ingress_server({**LOCAL, "server": {"plugin_modules": ["size_limit"]},
+                             "plugins": {"size_limit": {}}})
+    with server.smtp() as client:
+        code, text = client.ehlo("client.example.org")
+    assert code == 250 and client.esmtp_features["size"] == "1000", text
+    assert [line for line in text.decode().splitlines() if line.upper().startswith("SIZE")] \
+        == ["SIZE 1000"]
+
+
+def test_merge_size_keywords():
+    assert merge_size_keywords(["X", "SIZE 5000", "Y", "SIZE 1000", "size 3000"]) == \
+        ["X", "SIZE 1000", "Y"]
+    assert merge_size_keywords(["SIZE 0", "SIZE 700"]) == ["SIZE 700"]  # 0: no fixed limit
+    assert merge_size_keywords(["SIZE", "SIZE 0"]) == ["SIZE"]
+    assert merge_size_keywords(["SIZEX 1", "SIZE 9"]) == ["SIZEX 1", "SIZE 9"]
+    assert merge_size_keywords(["SIZE 9"]) == ["SIZE 9"]
 
 
 def test_replies_after_the_greeting_carry_enhanced_codes(server):

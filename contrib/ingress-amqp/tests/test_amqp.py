@@ -152,6 +152,7 @@ def test_message_over_max_message_mb_gets_552(ingress_server, running, queue):
     server = ingress_server(config(running, queue=queue, max_message_mb=0.01))  # 10485 bytes
     with server.smtp() as client:
         client.ehlo("client.example.org")
+        assert client.esmtp_features["size"] == "10485"  # not max_message_size's larger limit
         assert client.mail("a@far.test", ["SIZE=20000"]) == (
             552, b"5.3.4 Message size exceeds fixed limit")
         assert client.rset()[0] == 250

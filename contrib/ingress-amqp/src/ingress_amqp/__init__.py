@@ -286,6 +286,10 @@ class Amqp:
         return int(settings["max_message_mb"] * 1024 * 1024)
 
     @hookimpl
+    def ehlo_keywords(self, settings):
+        return [f"SIZE {self.limit(settings)}"]  # the smaller of this and max_message_size wins
+
+    @hookimpl
     def on_mail_from(self, transaction, settings):
         limit = self.limit(settings)
         if transaction.data_limit is None or transaction.data_limit > limit:
