@@ -6,7 +6,8 @@ all of them), publishes them into place, then makes their directory entries dura
 (:class:`ingress.delivery.maildir.Group`). Each message's future is resolved only once its own
 files and directory entries are durable; a message that fails gets a ``451`` and leaves nothing
 behind, without failing the others (except that a failed flush of a file system fails every
-message it may have carried).
+message it may have carried). A message whose session stopped waiting (the hook timeout, a
+shutdown) is not stored if its batch has not started, and removed again if it was stored.
 
 Batches run as a pipeline in one thread (see :class:`DeliveryBatcher`): what becomes ready
 while a batch is stored goes as the next batch, and the flush that makes the next batch's data
@@ -26,7 +27,7 @@ import time
 import weakref
 from collections.abc import Callable
 
-from ingress.delivery.maildir import Commit, Group
+from ingress.delivery.maildir import Commit, Group, remove_quietly
 from ingress.reply import Reply
 
 log = logging.getLogger("ingress.delivery")
@@ -165,7 +166,7 @@ class DeliveryBatcher:
                 group.flush_entries()
             except BaseException as exc:  # Group hands errors back; this is a bug
                 group.abandon(exc)
-            self._answer(waiters, group.outcomes)
+            self._answer(waiters, group.outcomes, group.files())
 
         def between() -> None:
             """While the next batch is written: the pending one waits that long at most."""
@@ -207,15 +208,23 @@ class DeliveryBatcher:
                 settle()
             del group
 
-    def _answer(self, waiters: list[Waiter], outcomes: list) -> None:
+    def _answer(self, waiters: list[Waiter], outcomes: list,
+                files: list[list[str]] | None = None) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._finish, waiters, outcomes)
+            self._loop.call_soon_threadsafe(self._finish, waiters, outcomes, files)
         except RuntimeError:  # the loop is closed: nobody waits any more
             pass
 
-    def _finish(self, waiters: list[Waiter], outcomes: list) -> None:
-        for (queue_id, future), outcome in zip(waiters, outcomes, strict=True):
-            if future.done():  # its session stopped waiting (hook timeout, shutdown)
+    def _finish(self, waiters: list[Waiter], outcomes: list,
+                files: list[list[str]] | None = None) -> None:
+        unwanted: list[tuple[str, list[str]]] = []
+        for i, ((queue_id, future), outcome) in enumerate(zip(waiters, outcomes, strict=True)):
+            if future.done():
+                # Its session stopped waiting while the message was stored (hook timeout,
+                # shutdown) and answered 451 or 421: the client sends it again, so this copy
+                # goes, as if it had never been written.
+                if files and files[i] and not isinstance(outcome, BaseException):
+                    unwanted.append((queue_id, files[i]))
                 continue
             if isinstance(outcome, OSError):
                 log.error("queue id %s: storage failed: %s", queue_id, outcome)
@@ -224,6 +233,20 @@ class DeliveryBatcher:
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
+        if unwanted:
+            try:
+                self._loop.run_in_executor(None, withdraw, unwanted)
+            except RuntimeError:  # the loop is ending (its executor shut down): do it here
+                withdraw(unwanted)
+
+
+def withdraw(unwanted: list[tuple[str, list[str]]]) -> None:
+    """Remove messages stored for sessions that had stopped waiting (blocking)."""
+    for queue_id, paths in unwanted:
+        remove_quietly(paths)
+        log.warning("queue id %s: stored after its session stopped waiting (hook timeout or "
+                    "shutdown); removed, since the client was not told 250 and will retry",
+                    queue_id)
 
 
 _batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DeliveryBatcher] = (

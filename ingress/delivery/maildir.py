@@ -608,6 +608,10 @@ class Group:
             if error is not None:
                 self._fail(i, error, work.files)
 
+    def files(self) -> list[list[str]]:
+        """Each stager's published files (none for one that failed)."""
+        return [list(work.files) if work is not None else [] for work in self._works]
+
     def abandon(self, error: BaseException) -> None:
         """Fail every stager still standing and remove its files (after a bug in a step)."""
         for i, work in enumerate(self._works):

@@ -237,6 +237,35 @@ def test_a_message_whose_session_stopped_waiting_is_not_stored_later(tmp_path):
     assert not (tmp_path / "example.test" / "b").exists()  # never staged, not even its folder
 
 
+def test_a_message_stored_after_its_session_stopped_waiting_is_removed_again(tmp_path, caplog):
+    # The session gave up (hook timeout) while its message was being written: it answered
+    # 451, so the client sends the message again, and the copy stored meanwhile must go. The
+    # other message of the same batch stays.
+    release = threading.Event()
+    writing = threading.Event()
+
+    def slow(commit):
+        writing.set()
+        return held_stager(tmp_path, release)(commit)
+
+    async def main():
+        batcher = batch.DeliveryBatcher(asyncio.get_running_loop(), parallel=1)
+        kept = batcher.submit(stager(tmp_path, "c", "kept"), "q0")
+        given_up = batcher.submit(slow, "q1")
+        await until(writing.is_set)
+        with pytest.raises((asyncio.TimeoutError, TimeoutError)):
+            await asyncio.wait_for(given_up, 0.05)
+        release.set()
+        result = await kept
+        await until(lambda: not list((tmp_path / "example.test" / "a").glob("*/*")))
+        return result
+
+    with caplog.at_level("WARNING", logger="ingress.delivery"):
+        kept = asyncio.run(main())
+    assert os.path.exists(kept[0])
+    assert "queue id q1: stored after its session stopped waiting" in caplog.text
+
+
 async def until(condition, seconds: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + seconds
     while not condition():

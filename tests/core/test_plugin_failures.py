@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from ingress.testing import eventually
+
 CONFIG = {
     "server": {"plugin_modules": ["faulty"]},
     "plugins": {"faulty": {}},
@@ -49,3 +51,20 @@ def test_a_hung_delivery_backend_is_cut_at_hook_timeout(ingress_server):
         assert client.noop()[0] == 250  # the session goes on
     assert server.all_messages() == []
     assert "plugin faulty did not answer deliver within 0.5s" in server.log()
+
+
+def test_a_message_stored_after_the_hook_timeout_is_removed_again(ingress_server):
+    """The disk stalls past hook_timeout while the builtin delivery writes: 451, and the copy
+    stored once the disk comes back goes, so the client's retry does not make a second one."""
+    server = ingress_server({"server": {"plugin_modules": ["slow_disk"], "hook_timeout": 0.3},
+                             "plugins": {"slow_disk": {"seconds": 1.0}},
+                             "directory": CONFIG["directory"]})
+    with server.smtp(timeout=30) as client:
+        client.ehlo()
+        client.mail("s@example.org")
+        client.rcpt("fine@example.test")
+        code, text = client.data("Subject: x\r\n\r\nx\r\n")
+        assert (code, text[:5]) == (451, b"4.3.0")
+    eventually(lambda: "stored after its session stopped waiting" in server.log(),
+               what="the warning")
+    assert server.all_messages() == []
