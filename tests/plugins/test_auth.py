@@ -106,15 +106,29 @@ def test_mail_from_auth_parameter_is_accepted_when_well_formed(ingress_server, d
             return
         assert code == 250, text
         client.rset()
-        for value in ("alice@example.test", "b+2Bc@example.test"):
+        for value in ("alice@example.test", "b+2Bc@example.test", "alice"):
             assert client.mail("bob@example.org", [f"AUTH={value}"])[0] == 250, value
             client.rset()
-        for value in ("nobody", "a+2@example.test", "a+2b@example.test", ""):
+        for value in ("a+2@example.test", "a+2b@example.test", "a+@b"):  # not xtext
             code, text = client.mail("bob@example.org", [f"AUTH={value}"])
-            assert code == 501, (value, text)
+            assert (code, text) == (501, b"5.5.4 Malformed AUTH parameter: not xtext"), value
         assert not client.sendmail("bob@example.org", ["alice@example.test"],
                                    b"Subject: relayed\r\n\r\nhi\r\n",
                                    mail_options=["AUTH=<>"])
+
+
+def test_mail_from_auth_parameter_is_passed_on_as_empty(ingress_server):
+    """What a client asserts with AUTH= is not vouched for: the relay queue's envelope holds
+    AUTH=<> (RFC 4954 5), whatever the client sent."""
+    server = ingress_server(config())
+    with server.smtp() as client:
+        client.ehlo()
+        assert client.login("alice@example.test", "alicepw")[0] == 235  # may relay
+        assert not client.sendmail("alice@example.test", ["carol@elsewhere.test"],
+                                   b"Subject: relayed\r\n\r\nhi\r\n",
+                                   mail_options=["AUTH=ceo@example.test"])
+    [(envelope, _)] = server.queue_entries()
+    assert envelope["mail_params"]["AUTH"] == "<>"
 
 
 @pytest.mark.parametrize("mechanism", ALL)
