@@ -105,11 +105,12 @@ def merge_size_keywords(keywords: list[str]) -> list[str]:
     """*keywords* with one ``SIZE`` where plugins gave several (each one enforces its own limit,
     say the message size policy and a storage backend): the smallest fixed limit (RFC 1870:
     ``SIZE 0`` or a bare ``SIZE`` means none), in the first one's place."""
-    sizes = [i for i, keyword in enumerate(keywords) if keyword[:4].upper() == "SIZE"
-             and (len(keyword) == 4 or keyword[4] == " ")]
+    words = [keyword.split(None, 1) for keyword in keywords]
+    sizes = [i for i, split in enumerate(words) if split and split[0].upper() == "SIZE"]
     if len(sizes) < 2:
         return keywords
-    limits = [int(arg) for arg in (keywords[i][5:].strip() for i in sizes)
+    limits = [int(arg) for arg in (words[i][1].strip() if len(words[i]) > 1 else ""
+                                   for i in sizes)
               if arg.isascii() and arg.isdigit() and int(arg) > 0]
     merged = f"SIZE {min(limits)}" if limits else "SIZE"
     out = [keyword for i, keyword in enumerate(keywords) if i not in sizes[1:]]

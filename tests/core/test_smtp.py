@@ -84,6 +84,7 @@ def test_merge_size_keywords():
     assert merge_size_keywords(["SIZE 0", "SIZE 700"]) == ["SIZE 700"]  # 0: no fixed limit
     assert merge_size_keywords(["SIZE", "SIZE 0"]) == ["SIZE"]
     assert merge_size_keywords(["SIZEX 1", "SIZE 9"]) == ["SIZEX 1", "SIZE 9"]
+    assert merge_size_keywords(["SIZE\t50", " size 60", "SIZE x"]) == ["SIZE 50"]
     assert merge_size_keywords(["SIZE 9"]) == ["SIZE 9"]
 
 

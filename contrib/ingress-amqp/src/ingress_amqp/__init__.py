@@ -287,7 +287,8 @@ class Amqp:
 
     @hookimpl
     def ehlo_keywords(self, settings):
-        return [f"SIZE {self.limit(settings)}"]  # the smaller of this and max_message_size wins
+        # The smaller of this and max_message_size is advertised (SIZE 0 would mean none).
+        return [f"SIZE {max(self.limit(settings), 1)}"]
 
     @hookimpl
     def on_mail_from(self, transaction, settings):
