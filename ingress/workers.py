@@ -22,10 +22,12 @@ with worker 0 serving ``/metrics`` for all.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -43,6 +45,8 @@ log = logging.getLogger("ingress.workers")
 
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 RAM_FOLDER = "/dev/shm"  # tmpfs on Linux
+RAM_FOLDER_FREE = 16 << 20  # bytes free there, else the metric files go to the temporary folder
+METRICS_PREFIX = "ingress-metrics-"
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 QUICK_DEATH = 5.0  # a worker dying sooner than this after its start counts as a failed start
 FAILED_STARTS = 5  # consecutive failed starts after which the parent gives up
@@ -66,20 +70,60 @@ def wanted(path: str | None) -> int:
 
 def metrics_parent_folder() -> str | None:
     """Where the workers' metric files go: the shared-memory folder when there is one we may
-    write to, else the temporary folder (None). Each count writes into a file mapped in memory;
-    on a disk, every ``syncfs`` of the delivery (often the same file system) would write those
-    pages back and make them read-only again, so the next count pays a page fault."""
-    if os.path.isdir(RAM_FOLDER) and os.access(RAM_FOLDER, os.W_OK | os.X_OK):
+    write to with room to spare, else the temporary folder (None). Each count writes into a
+    file mapped in memory; on a disk, every ``syncfs`` of the delivery (often the same file
+    system) would write those pages back and make them read-only again, so the next count pays
+    a page fault. (A write to a mapped file on a full tmpfs kills the process: hence the room.)"""
+    try:
+        free = os.statvfs(RAM_FOLDER)
+    except OSError:
+        return None
+    if free.f_bavail * free.f_frsize >= RAM_FOLDER_FREE and os.access(RAM_FOLDER,
+                                                                     os.W_OK | os.X_OK):
         return RAM_FOLDER
     return None
 
 
+def remove_stale_metrics(parent: str) -> None:
+    """Remove the metric folders of servers that ended without their cleanup (killed): in
+    shared memory they would hold memory until the next boot. A folder is stale when nobody
+    holds the lock of its ``.lock`` file, which its server's processes hold while they run
+    (a lock, not a process id, so that a server in another PID namespace is not mistaken)."""
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(METRICS_PREFIX):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or (
+                    entry.stat(follow_symlinks=False).st_uid != os.getuid()):
+                continue
+            fd = os.open(os.path.join(entry.path, ".lock"), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a running server's
+        finally:
+            os.close(fd)
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
 def use_multiprocess_metrics() -> str:
-    """Put prometheus_client into multiprocess mode with a fresh private folder. Must run before
-    prometheus_client is first imported (it reads the variable at import)."""
+    """Put prometheus_client into multiprocess mode with a fresh private folder, locked for as
+    long as this process and its workers run. Must run before prometheus_client is first
+    imported (it reads the variable at import)."""
     if "prometheus_client" in sys.modules:
         raise RuntimeError("prometheus_client was imported before multiprocess mode was set")
-    path = tempfile.mkdtemp(prefix="ingress-metrics-", dir=metrics_parent_folder())
+    parent = metrics_parent_folder()
+    if parent is not None:
+        remove_stale_metrics(parent)
+    path = tempfile.mkdtemp(prefix=METRICS_PREFIX, dir=parent)
+    fd = os.open(os.path.join(path, ".lock"), os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held by the open file, which the workers inherit
     os.environ[METRICS_ENV] = path
     return path
 

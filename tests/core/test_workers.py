@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -10,12 +11,14 @@ import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.request
 
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ingress import workers
 from ingress.testing import SMTPRaw, eventually, server_config
 
 USERS = {"directory": {"domains": ["example.test"],
@@ -210,8 +213,11 @@ def file_system_type(path: str) -> str:
 @pytest.mark.skipif(not os.access("/dev/shm", os.W_OK | os.X_OK), reason="no /dev/shm here")
 def test_metric_files_live_in_shared_memory_and_go_at_exit(ingress_server):
     # Not beside the Maildir on a disk: each syncfs of the delivery would write them back.
+    stale = tempfile.mkdtemp(prefix="ingress-metrics-", dir="/dev/shm")  # a killed server's
+    open(os.path.join(stale, ".lock"), "w").close()
     server = ingress_server({**COUNTING, "server": {**COUNTING["server"],
                                                    "metrics_listen": "127.0.0.1:0"}})
+    assert not os.path.exists(stale)
     with server.smtp() as client:
         client.sendmail("s@example.org", ["alice@example.test"], "Subject: 1\r\n\r\nx\r\n")
     mapped = {m.path for worker in psutil.Process(server.process.pid).children()
@@ -221,6 +227,20 @@ def test_metric_files_live_in_shared_memory_and_go_at_exit(ingress_server):
     assert any(name.endswith(".db") for name in os.listdir(folder))
     assert server.stop() == 0
     assert not os.path.exists(folder)
+
+
+def test_only_metric_folders_nobody_holds_are_removed(tmp_path):
+    folders = {name: tmp_path / name for name in ("ingress-metrics-gone", "ingress-metrics-live",
+                                                  "ingress-metrics-nolock", "other")}
+    for folder in folders.values():
+        folder.mkdir()
+        if not folder.name.endswith("nolock"):
+            (folder / ".lock").touch()
+    with open(folders["ingress-metrics-live"] / ".lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        workers.remove_stale_metrics(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ingress-metrics-live", "ingress-metrics-nolock", "other"]
 
 
 def test_a_taken_port_is_an_error_before_any_worker_starts(tmp_path):
