@@ -221,8 +221,12 @@ class Server:
         return sum(peak_rss_kb(part.process.pid) for part in self.parts or [self])
 
     def stop(self) -> None:
-        for part in self.parts:
-            part.stop()
+        if self.parts:
+            try:
+                self.parts[0].stop()
+            finally:
+                for part in self.parts[1:]:
+                    part.stop()
         if self.process is None or self.process.poll() is not None:
             return
         common.stop(self.process)
@@ -274,21 +278,29 @@ def smtp_source_runs(ports: list[int], work: Workload) -> list[tuple[int, dict]]
     """smtp-source against each port at once, the sessions and messages shared out evenly;
     (messages asked for, result) per port."""
     n = len(ports)
-    shares = [(work.sessions // n, work.messages // n + (i < work.messages % n))
-              for i in range(n)]
+    if work.sessions < n:
+        raise ValueError(f"{work.sessions} session(s) cannot be shared out over {n} servers")
+    shares = [(work.sessions // n + (i < work.sessions % n),
+               work.messages // n + (i < work.messages % n)) for i in range(n)]
     runs: list[tuple[int, dict]] = [(messages, {}) for _, messages in shares]
+    errors: list[BaseException] = []
 
     def run(i: int) -> None:
         sessions, messages = shares[i]
-        runs[i][1].update(common.smtp_source(
-            ports[i], sessions=sessions, messages=messages, size=work.size,
-            to=f"user0@{DOMAIN}", many=work.mode == "many", timeout=RUN_TIMEOUT))
+        try:
+            runs[i][1].update(common.smtp_source(
+                ports[i], sessions=sessions, messages=messages, size=work.size,
+                to=f"user0@{DOMAIN}", many=work.mode == "many", timeout=RUN_TIMEOUT))
+        except BaseException as exc:  # noqa: BLE001 - raised below, in the harness's thread
+            errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if errors:
+        raise errors[0]
     return runs
 
 
@@ -495,8 +507,10 @@ def machine() -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small counts, one repetition")
-    p.add_argument("--servers", default=",".join(s for s in SERVERS if s != "ingress-before"),
-                   help="comma-separated subset; ingress-before with --before")
+    p.add_argument("--servers", default=",".join(s for s in SERVERS
+                                                 if s not in ("ingress-before", "ingress-pair")),
+                   help="comma-separated subset; ingress-before with --before; ingress-pair "
+                        "runs with the smtp-source client only")
     p.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated subset")
     p.add_argument("--sizes", default="2048,102400", help="message sizes in bytes")
     p.add_argument("--modes", default="one,many", help="messages per connection: one, many")
@@ -537,8 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in clients:
         if name not in CLIENTS:
             raise SystemExit(f"unknown client {name!r}; choose from {', '.join(CLIENTS)}")
-    if "ingress-pair" in servers and clients != ["smtp-source"]:
-        raise SystemExit("server ingress-pair runs with --clients smtp-source only")
+    if "ingress-pair" in servers and "smtp-source" not in clients:
+        raise SystemExit("server ingress-pair runs with the smtp-source client only")
     needed = [SMTP_SOURCE] * ("smtp-source" in clients) + [SMTP_SINK] * ("sink" in servers)
     for tool in needed:
         if not os.access(tool, os.X_OK):
@@ -559,17 +573,19 @@ def main(argv: list[str] | None = None) -> int:
     raw: list[dict] = []
     try:
         for client in clients:
+            # ingress-pair splits the sessions between two smtp-source processes
+            kinds = [s for s in servers if s != "ingress-pair" or client == "smtp-source"]
             for work in works:
-                results: dict[str, list[dict]] = {s: [] for s in servers}
+                results: dict[str, list[dict]] = {s: [] for s in kinds}
                 for _ in range(repeat):  # servers interleaved, so load changes hit all alike
-                    for kind in servers:
+                    for kind in kinds:
                         result = one_run(kind, client, work, root, uvloop,
                                          (args.quiet, args.patience))
                         results[kind].append(result)
                         raw.append({"client": client, "workload": dataclasses.asdict(work),
                                     "server": kind, **{k: v for k, v in result.items()
                                                        if k != "acked_seqs"}})
-                for kind in servers:
+                for kind in kinds:
                     row = median_row(kind, client, work, results[kind])
                     rows.append(row)
                     print(f"  {client:11} {work.label:16} {kind:10} {row.rate:8.0f} msgs/s  "
