@@ -122,8 +122,11 @@ def use_multiprocess_metrics() -> str:
     if parent is not None:
         remove_stale_metrics(parent)
     path = tempfile.mkdtemp(prefix=METRICS_PREFIX, dir=parent)
-    fd = os.open(os.path.join(path, ".lock"), os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # held by the open file, which the workers inherit
+    # Locked before it is named .lock, so that a server starting beside this one never finds
+    # it unlocked. Held by the open file, which the workers inherit.
+    fd = os.open(os.path.join(path, ".lock.new"), os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(os.path.join(path, ".lock.new"), os.path.join(path, ".lock"))
     os.environ[METRICS_ENV] = path
     return path
 

@@ -6,8 +6,8 @@ all of them), publishes them into place, then makes their directory entries dura
 (:class:`ingress.delivery.maildir.Group`). Each message's future is resolved only once its own
 files and directory entries are durable; a message that fails gets a ``451`` and leaves nothing
 behind, without failing the others (except that a failed flush of a file system fails every
-message it may have carried). A message whose session stopped waiting (the hook timeout, a
-shutdown) is not stored if its batch has not started, and removed again if it was stored.
+message it may have carried). A message whose session stopped waiting (the hook timeout) is
+not stored if its batch has not started, and removed again if it was stored.
 
 Batches run as a pipeline in one thread (see :class:`DeliveryBatcher`): what becomes ready
 while a batch is stored goes as the next batch, and the flush that makes the next batch's data
@@ -21,13 +21,14 @@ import asyncio
 import collections
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
 import weakref
 from collections.abc import Callable
 
-from ingress.delivery.maildir import Commit, Group, remove_quietly
+from ingress.delivery.maildir import Commit, Group
 from ingress.reply import Reply
 
 log = logging.getLogger("ingress.delivery")
@@ -220,9 +221,9 @@ class DeliveryBatcher:
         unwanted: list[tuple[str, list[str]]] = []
         for i, ((queue_id, future), outcome) in enumerate(zip(waiters, outcomes, strict=True)):
             if future.done():
-                # Its session stopped waiting while the message was stored (hook timeout,
-                # shutdown) and answered 451 or 421: the client sends it again, so this copy
-                # goes, as if it had never been written.
+                # Its session stopped waiting while the message was stored (the hook timeout)
+                # and answered 451: the client sends it again, so this copy goes, as if it
+                # had never been written.
                 if files and files[i] and not isinstance(outcome, BaseException):
                     unwanted.append((queue_id, files[i]))
                 continue
@@ -243,10 +244,19 @@ class DeliveryBatcher:
 def withdraw(unwanted: list[tuple[str, list[str]]]) -> None:
     """Remove messages stored for sessions that had stopped waiting (blocking)."""
     for queue_id, paths in unwanted:
-        remove_quietly(paths)
-        log.warning("queue id %s: stored after its session stopped waiting (hook timeout or "
-                    "shutdown); removed, since the client was not told 250 and will retry",
-                    queue_id)
+        gone = 0
+        for path in reversed(paths):  # a queue entry's .json (it marks it complete) first
+            try:
+                os.unlink(path)
+            except OSError:
+                gone += 1  # already moved (an IMAP server, a queue consumer) or removed
+        if gone:
+            log.warning("queue id %s: stored after its session stopped waiting (hook timeout); "
+                        "%d of its %d files had already been taken, so the client's retry may "
+                        "make a second copy", queue_id, gone, len(paths))
+        else:
+            log.warning("queue id %s: stored after its session stopped waiting (hook timeout); "
+                        "removed, since the client was not told 250 and will retry", queue_id)
 
 
 _batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DeliveryBatcher] = (
