@@ -17,7 +17,8 @@ def test_harness_runs_every_server_and_client_on_a_tiny_load(tmp_path):
     need("smtp-source")
     need("smtp-sink")
     done = subprocess.run(
-        [sys.executable, str(RUN), "--quick", "--servers", "ingress,ingress-2w,baseline,sink",
+        [sys.executable, str(RUN), "--quick", "--servers",
+         "ingress,ingress-2w,ingress-pair,baseline,sink",
          "--sizes", "2048", "--sessions", "2",
          "--messages", "6", "--repeat", "1", "--big-mb", "1", "--workdir", str(tmp_path),
          "--json", str(tmp_path / "results.json")],
@@ -26,10 +27,13 @@ def test_harness_runs_every_server_and_client_on_a_tiny_load(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     for client in ("smtp-source", "asyncio"):
-        for server in ("ingress", "ingress-2w", "baseline", "sink"):
+        for server in ("ingress", "ingress-2w", "ingress-pair", "baseline", "sink"):
             for workload in ("2KB 1/conn x2", "2KB n/conn x2"):
                 rows = [line for line in table
                         if f"| {client} | {workload} | {server} |" in line]
+                if server == "ingress-pair" and client == "asyncio":  # smtp-source only
+                    assert rows == [], rows
+                    continue
                 assert len(rows) == 1, (client, server, workload, done.stdout)
                 if server != "sink":
                     assert "| 6 | 0 | ok |" in rows[0], rows[0]
@@ -55,7 +59,8 @@ def test_harness_runs_haraka_beside_ingress(tmp_path):
     assert set(rows) == {"ingress", "haraka", "haraka-2n"}, done.stdout
     for server in ("haraka", "haraka-2n"):
         assert "| 20 | 0 | - |" in rows[server], rows[server]  # all acknowledged, none stored
-    cpu_vs_haraka = rows["ingress"].split(" | ")[-2]
+    [header] = [line for line in done.stdout.splitlines() if line.startswith("| client |")]
+    cpu_vs_haraka = rows["ingress"].split(" | ")[header.split(" | ").index("CPU vs Haraka")]
     assert float(cpu_vs_haraka) > 0, rows["ingress"]
 
 
