@@ -21,14 +21,13 @@ import asyncio
 import collections
 import itertools
 import logging
-import os
 import queue
 import threading
 import time
 import weakref
 from collections.abc import Callable
 
-from ingress.delivery.maildir import Commit, Group
+from ingress.delivery.maildir import Commit, Group, remove_quietly
 from ingress.reply import Reply
 
 log = logging.getLogger("ingress.delivery")
@@ -167,7 +166,7 @@ class DeliveryBatcher:
                 group.flush_entries()
             except BaseException as exc:  # Group hands errors back; this is a bug
                 group.abandon(exc)
-            self._answer(waiters, group.outcomes, group.files())
+            self._answer(waiters, group.outcomes, group.files)
 
         def between() -> None:
             """While the next batch is written: the pending one waits that long at most."""
@@ -210,22 +209,26 @@ class DeliveryBatcher:
             del group
 
     def _answer(self, waiters: list[Waiter], outcomes: list,
-                files: list[list[str]] | None = None) -> None:
+                files: Callable[[], list[list[str]]] | None = None) -> None:
         try:
             self._loop.call_soon_threadsafe(self._finish, waiters, outcomes, files)
         except RuntimeError:  # the loop is closed: nobody waits any more
             pass
 
     def _finish(self, waiters: list[Waiter], outcomes: list,
-                files: list[list[str]] | None = None) -> None:
+                files: Callable[[], list[list[str]]] | None = None) -> None:
+        """Resolve the futures; *files* gives each message's files, for those whose session
+        stopped waiting."""
         unwanted: list[tuple[str, list[str]]] = []
         for i, ((queue_id, future), outcome) in enumerate(zip(waiters, outcomes, strict=True)):
             if future.done():
                 # Its session stopped waiting while the message was stored (the hook timeout)
                 # and answered 451: the client sends it again, so this copy goes, as if it
                 # had never been written.
-                if files and files[i] and not isinstance(outcome, BaseException):
-                    unwanted.append((queue_id, files[i]))
+                if files is not None and not isinstance(outcome, BaseException):
+                    paths = files()[i]
+                    if paths:
+                        unwanted.append((queue_id, paths))
                 continue
             if isinstance(outcome, OSError):
                 log.error("queue id %s: storage failed: %s", queue_id, outcome)
@@ -244,12 +247,9 @@ class DeliveryBatcher:
 def withdraw(unwanted: list[tuple[str, list[str]]]) -> None:
     """Remove messages stored for sessions that had stopped waiting (blocking)."""
     for queue_id, paths in unwanted:
-        gone = 0
-        for path in reversed(paths):  # a queue entry's .json (it marks it complete) first
-            try:
-                os.unlink(path)
-            except OSError:
-                gone += 1  # already moved (an IMAP server, a queue consumer) or removed
+        # A queue entry's .json (it marks it complete) first. What cannot be removed was
+        # already moved (an IMAP server, a queue consumer) or removed.
+        gone = remove_quietly(reversed(paths))
         if gone:
             log.warning("queue id %s: stored after its session stopped waiting (hook timeout); "
                         "%d of its %d files had already been taken, so the client's retry may "

@@ -424,12 +424,15 @@ def write_message(fd: int, header: bytes, message=None) -> None:
             write_all(fd, [chunk])
 
 
-def remove_quietly(paths) -> None:
+def remove_quietly(paths) -> int:
+    """Unlink each of *paths*, in order; how many could not be (gone already, say)."""
+    missed = 0
     for p in paths:
         try:
             os.unlink(p)
         except OSError:
-            pass
+            missed += 1
+    return missed
 
 
 def mailbox_path(root: str | Path, domain: str, local: str) -> str:
@@ -609,7 +612,8 @@ class Group:
                 self._fail(i, error, work.files)
 
     def files(self) -> list[list[str]]:
-        """Each stager's published files (none for one that failed)."""
+        """Each stager's published files (none for one that failed); asked for only when a
+        session stopped waiting, so it is not built for every batch."""
         return [list(work.files) if work is not None else [] for work in self._works]
 
     def abandon(self, error: BaseException) -> None:
